@@ -1,0 +1,55 @@
+"""`prism` command line. Each subcommand is a thin wrapper; the work lives in the package.
+
+Config errors (and other user errors) print one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prism_mcore.config import ConfigError, load_config
+
+
+def _validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    p = cfg.parallel
+    layout = f"tp={p.tp} pp={p.pp} cp={p.cp} ep={p.ep} sp={p.sequence_parallel}"
+    m = cfg.model
+    kind = f"MoE {m.num_experts}x top-{m.num_experts_per_tok}" if m.is_moe else "dense"
+    print(f"{args.config}: ok ({m.num_hidden_layers} layers, hidden {m.hidden_size}, {kind}; {layout})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from prism_mcore.trainer.demo import run_demo
+
+    return run_demo(load_config(args.config, args.overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM post-training on Megatron-core")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a config file (and overrides) without running anything")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("demo", help="the embedded CPU demo (what `make demo` runs)")
+    p.add_argument("--config", default=None, help="defaults to configs/demo/demo.yaml")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

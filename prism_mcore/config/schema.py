@@ -1,0 +1,180 @@
+"""The one typed config schema, shared by the CLI, the YAML files in configs/ and the tests.
+
+Field names of the model architecture follow Hugging Face's Qwen3 `config.json`, because that
+is what users download and release; Megatron-specific knobs that we do not model are passed
+straight through to `TransformerConfig` via `model.megatron` (slime-style, nothing re-invented).
+
+Cross-field constraints live in `PrismConfig._check_layout` and raise `ValueError` with a
+message that names the key and its constraint; `load.py` turns that into a one-line error.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """A Qwen3 / Qwen3-MoE architecture, either read from `hf_path` or written inline."""
+
+    hf_path: str | None = Field(None, description="HF checkpoint dir; its config.json overrides the fields below")
+    vocab_size: int = Field(151936, gt=0)
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    head_dim: int = Field(16, gt=0)
+    rope_theta: float = Field(1_000_000.0, gt=0)
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = Field(4096, gt=0)
+    # Mixture of experts (Qwen3-MoE); num_experts == 0 means dense.
+    num_experts: int = Field(0, ge=0)
+    num_experts_per_tok: int = Field(2, gt=0)
+    moe_intermediate_size: int | None = Field(None, gt=0)
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = Field(0.001, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    megatron: dict[str, Any] = Field(default_factory=dict, description="extra TransformerConfig kwargs")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, ge=1, description="tensor parallel size")
+    pp: int = Field(1, ge=1, description="pipeline parallel size")
+    cp: int = Field(1, ge=1, description="context parallel size")
+    ep: int = Field(1, ge=1, description="expert parallel size")
+    dp: int | None = Field(None, ge=1, description="data parallel size; derived from world_size when unset")
+    world_size: int | None = Field(None, ge=1, description="number of ranks; taken from the launcher when unset")
+    sequence_parallel: bool = False
+    num_microbatches: int = Field(1, ge=1)
+
+    def resolved_dp(self, world_size: int | None = None) -> int:
+        ws = world_size or self.world_size
+        if self.dp is not None:
+            return self.dp
+        if ws is None:
+            return 1
+        return ws // (self.tp * self.pp * self.cp)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    use_distributed_optimizer: bool = True
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(default_factory=list)
+    val_files: list[str] = Field(default_factory=list)
+    max_prompt_length: int = Field(512, gt=0)
+    max_response_length: int = Field(512, gt=0)
+    micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one micro-batch")
+    global_batch_size: int = Field(4, gt=0, description="prompts (RL) or sequences (SFT) per step")
+    seed: int = 0
+
+
+class RolloutConfig(_Section):
+    engine: Literal["vllm"] = "vllm"
+    num_engines: int = Field(1, ge=1)
+    engine_tp: int = Field(1, ge=1)
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    n: int = Field(4, ge=1, description="rollouts per prompt (group size)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0)
+    weight_bucket_mb: int = Field(512, gt=0)
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo", "dapo", "gspo", "prism"] = "grpo"
+    clip_ratio_low: float = Field(0.2, ge=0)
+    clip_ratio_high: float = Field(0.2, ge=0)
+    clip_ratio_c: float = Field(3.0, gt=1, description="dual-clip bound for negative advantages")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+
+
+class TrainerConfig(_Section):
+    stage: Literal["demo", "sft", "disc-warmup", "align", "rl"] = "demo"
+    steps: int = Field(10, ge=1)
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    save_interval: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
+    log_interval: int = Field(1, ge=1)
+
+
+class PrismConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> "PrismConfig":
+        for problem in layout_problems(self):
+            raise ValueError(problem)
+        return self
+
+
+def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str]:
+    """Every violated cross-field constraint, each phrased as `key=value constraint`.
+
+    `world_size` is the launcher's actual rank count, checked again at start-up."""
+    m, p = cfg.model, cfg.parallel
+    out: list[str] = []
+    if m.num_attention_heads % m.num_key_value_heads:
+        out.append(f"model.num_key_value_heads={m.num_key_value_heads} must divide "
+                   f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % p.tp:
+        out.append(f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.num_key_value_heads % p.tp:
+        out.append(f"parallel.tp={p.tp} must divide model.num_key_value_heads={m.num_key_value_heads} "
+                   f"(KV groups are split across tensor-parallel ranks)")
+    if m.num_hidden_layers % p.pp:
+        out.append(f"parallel.pp={p.pp} must divide model.num_hidden_layers={m.num_hidden_layers}")
+    if p.sequence_parallel and p.tp == 1:
+        out.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if m.is_moe:
+        if m.num_experts % p.ep:
+            out.append(f"parallel.ep={p.ep} must divide model.num_experts={m.num_experts}")
+        if m.num_experts_per_tok > m.num_experts:
+            out.append(f"model.num_experts_per_tok={m.num_experts_per_tok} must be <= "
+                       f"model.num_experts={m.num_experts}")
+        if p.tp > 1 and not p.sequence_parallel:
+            out.append(f"parallel.sequence_parallel must be true for an MoE model with parallel.tp={p.tp} "
+                       f"(Megatron requires it)")
+    elif p.ep > 1:
+        out.append(f"parallel.ep={p.ep} needs an MoE model (model.num_experts > 0)")
+    ws = world_size or p.world_size
+    if ws is not None:
+        dp = p.resolved_dp(ws)
+        if p.tp * p.pp * p.cp * dp != ws:
+            out.append(f"parallel.world_size={ws} must equal tp*pp*cp*dp="
+                       f"{p.tp}*{p.pp}*{p.cp}*{dp}={p.tp * p.pp * p.cp * dp}")
+        elif (p.tp * p.cp * dp) % p.ep:
+            out.append(f"parallel.ep={p.ep} must divide tp*cp*dp={p.tp * p.cp * dp} "
+                       f"(experts are spread over the data-parallel ranks of a pipeline stage)")
+    if m.vocab_size <= 0:
+        out.append("model.vocab_size must be positive")
+    return out

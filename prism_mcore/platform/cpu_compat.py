@@ -1,0 +1,208 @@
+"""Megatron-core on a CPU-only torch build (gloo), for development machines and CI.
+
+megatron-core 0.16.1 assumes CUDA in a few dozen places. Each patch below fixes one family of
+failures, is documented with the error it prevents, and has a test in tests/test_cpu_compat.py
+that runs the affected feature with the patch left out and checks that it then fails.
+
+`install()` is a no-op when CUDA is available. `PRISM_CPU_COMPAT_SKIP=name,name` leaves named
+patches out (for those tests, and for debugging a raw Megatron error).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+PATCHES: dict[str, Callable[[], None]] = {}
+_installed: list[str] = []
+
+
+def _patch(fn: Callable[[], None]) -> Callable[[], None]:
+    PATCHES[fn.__name__] = fn
+    return fn
+
+
+@_patch
+def cuda_device_api() -> None:
+    """`torch.cuda.current_device()` & co. raise "Torch not compiled with CUDA enabled".
+
+    Megatron calls them unconditionally (p2p communication, rotary embeddings, memory logging);
+    on CPU the "current device" is the CPU and the synchronization/memory calls are no-ops."""
+    c = torch.cuda
+    c.current_device = lambda: _CPU
+    c.synchronize = lambda *a, **k: None
+    c.set_device = lambda *a, **k: None
+    c.empty_cache = lambda *a, **k: None
+    c.device_count = lambda: 0
+    c.memory_allocated = lambda *a, **k: 0
+    c.max_memory_allocated = lambda *a, **k: 0
+    c.memory_reserved = lambda *a, **k: 0
+    c.reset_peak_memory_stats = lambda *a, **k: None
+
+
+class _CpuGenerators:
+    def __getitem__(self, index: int) -> torch.Generator:
+        return torch.default_generator
+
+    def __len__(self) -> int:
+        return 1
+
+
+@_patch
+def cuda_rng() -> None:
+    """`model_parallel_cuda_manual_seed` and the activation-checkpoint RNG tracker save/restore
+    the CUDA RNG state; route them to the CPU generator. (`manual_seed_all` stays untouched:
+    `torch.manual_seed` calls it, and replacing it recurses.)"""
+    c = torch.cuda
+    c.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    c.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    c.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    c.random.get_rng_state = c.get_rng_state
+    c.random.set_rng_state = c.set_rng_state
+    c.default_generators = _CpuGenerators()
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_event(self, *args, **kwargs) -> None:
+        pass
+
+    def record_event(self, *args, **kwargs) -> "_NoStream":
+        return _NoStream()
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NoStream)
+
+    __hash__ = object.__hash__
+
+
+@_patch
+def cuda_streams() -> None:
+    """The MoE token dispatcher creates `torch.cuda.Stream()` in its constructor
+    ("torch.cuda.Stream requires CUDA support")."""
+    c = torch.cuda
+    c.Stream = _NoStream
+    c.Event = _NoStream
+    c.current_stream = lambda *a, **k: _NoStream()
+    c.default_stream = lambda *a, **k: _NoStream()
+    c.stream = lambda *a, **k: contextlib.nullcontext()
+
+
+def _names_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda"`, `.cuda()`, `.to("cuda")` and `record_stream` to their CPU meaning."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _names_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        name = getattr(func, "__name__", "")
+        if name == "cuda":
+            return args[0]
+        if name == "record_stream":
+            return None
+        if name == "to" and any(_names_cuda(a) for a in args[1:]):
+            args = tuple(_CPU if _names_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+@_patch
+def cuda_device_literals() -> None:
+    """~85 call sites create tensors with `device="cuda"` or call `.cuda()` (pipeline schedules'
+    `torch.zeros([], device="cuda")`, the rotary embedding cache, data helpers). A process-wide
+    TorchFunctionMode maps them to the CPU instead of patching each site."""
+    _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
+
+
+@_patch
+def moe_te_gemm_symbol() -> None:
+    """megatron-core 0.16.1 bug: the router refers to `te_general_gemm`, which is only defined when
+    Transformer Engine imports, so the MoE router raises NameError without TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+@_patch
+def moe_alltoall_split_sizes() -> None:
+    """The alltoall dispatcher turns its split sizes into numpy only `if tensor.is_cuda`; on CPU they
+    stay tensors and gloo's `all_to_all_single` rejects them ("incompatible function arguments")."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
+@_patch
+def torch_norm_sequence_parallel() -> None:
+    """Without TE/apex the local layer spec uses WrappedTorchNorm, which asserts that sequence
+    parallelism is off; but MoE with TP>1 requires it. torch's RMSNorm is correct under SP as long
+    as its parameters carry `.sequence_parallel = True`, so that their gradients are all-reduced
+    across the tensor-parallel group like Megatron's own fused norms."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original_new = WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, hidden_size, eps, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    WrappedTorchNorm.__new__ = new
+
+
+def install() -> list[str]:
+    """Apply every patch (once per process) unless CUDA is available; return the names applied."""
+    if torch.cuda.is_available() or _installed:
+        return list(_installed)
+    skip = {s.strip() for s in os.environ.get("PRISM_CPU_COMPAT_SKIP", "").split(",") if s.strip()}
+    unknown = skip - PATCHES.keys()
+    if unknown:
+        raise ValueError(f"PRISM_CPU_COMPAT_SKIP names unknown patches {sorted(unknown)}; known: {sorted(PATCHES)}")
+    for name, patch in PATCHES.items():
+        if name not in skip:
+            patch()
+            _installed.append(name)
+    return list(_installed)

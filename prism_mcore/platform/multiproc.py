@@ -1,0 +1,144 @@
+"""Run a function on N local ranks (spawned processes joined by a gloo/nccl process group).
+
+Used by the tests and by `prism demo`. Guarantees that matter more than speed:
+  * a hang is a failure: past `timeout` every live rank dumps its Python stack, then is killed;
+  * every rank's error is reported, not just the first one to die;
+  * one rank failing does not leave the others waiting forever on a collective (grace period).
+"""
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised, crashed, or hung; the message holds each rank's report."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _RankSpec:
+    rank: int
+    world_size: int
+    port: int
+    stack_file: str
+    threads: int
+    init_dist: bool
+    env: dict[str, str]
+
+
+def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results: "mp.Queue") -> None:
+    os.environ.update(spec.env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec.port), RANK=str(spec.rank),
+                      LOCAL_RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size),
+                      LOCAL_WORLD_SIZE=str(spec.world_size))
+    with open(spec.stack_file, "w") as stacks:
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        try:
+            import torch
+
+            torch.set_num_threads(spec.threads)
+            if spec.init_dist:
+                from prism_mcore.platform.distributed import init_distributed
+
+                init_distributed()
+            out = fn(*args, **kwargs)
+            results.put((spec.rank, True, out))
+        except BaseException:  # noqa: BLE001 - every failure must reach the parent
+            results.put((spec.rank, False, traceback.format_exc()))
+        finally:
+            if spec.init_dist:
+                from prism_mcore.platform.distributed import destroy_distributed
+
+                destroy_distributed()
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, grace: float = 15.0,
+                 init_dist: bool = True, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+    """Call `fn(*args, **kwargs)` on `world_size` spawned ranks; return the per-rank results in rank order.
+
+    `fn` must be importable by name (module level). Raises `RankFailure` with every rank's traceback,
+    exit code, or (on timeout) live Python stack.
+    """
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
+    tmp = tempfile.mkdtemp(prefix="prism_ranks_")
+    procs = []
+    for rank in range(world_size):
+        spec = _RankSpec(rank, world_size, port, os.path.join(tmp, f"stack{rank}.txt"), threads, init_dist,
+                         child_env)
+        p = ctx.Process(target=_rank_main, args=(spec, fn, args, kwargs, results), name=f"prism-rank{rank}")
+        p.start()
+        procs.append(p)
+
+    outcome: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while len(outcome) < world_size:
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+            outcome[rank] = (ok, payload)
+            if not ok:  # the others may now wait forever on a collective: give them a grace period
+                deadline = min(deadline, time.monotonic() + grace)
+            continue
+        except queue.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+        for r in dead:  # crashed without reporting (segfault, os._exit, OOM kill)
+            time.sleep(0.5)  # its report may still be in flight
+            try:
+                while True:
+                    rank, ok, payload = results.get_nowait()
+                    outcome[rank] = (ok, payload)
+            except queue.Empty:
+                pass
+            if r not in outcome:
+                outcome[r] = (False, f"process exited with code {procs[r].exitcode} without reporting")
+                deadline = min(deadline, time.monotonic() + grace)
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+
+    if timed_out:
+        for r, p in enumerate(procs):
+            if p.is_alive() and r not in outcome:
+                os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+    failures = []
+    for r in range(world_size):
+        if r in outcome and outcome[r][0]:
+            continue
+        if r in outcome:
+            failures.append(f"--- rank {r} failed:\n{outcome[r][1]}")
+        else:
+            with open(os.path.join(tmp, f"stack{r}.txt")) as f:
+                stack = f.read().strip() or "(no stack captured)"
+            others_failed = any(not ok for ok, _ in outcome.values())
+            why = "was still running after another rank failed" if others_failed else f"hung past {timeout:.0f}s"
+            failures.append(f"--- rank {r} {why} (killed); its stack:\n{stack}")
+    if failures:
+        raise RankFailure(f"{len(failures)}/{world_size} ranks failed\n" + "\n".join(failures))
+    return [outcome[r][1] for r in range(world_size)]

@@ -1,0 +1,35 @@
+"""Post-install check run by `make install`: the CPU venv must hold a CPU torch and none of the CUDA
+builds of torchvision/torchaudio/torchcodec (they break `transformers` imports beside torch+cpu).
+It also builds the cached Qwen3 tokenizer once per venv."""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+
+
+def main() -> int:
+    import torch
+
+    problems = []
+    if not torch.cuda.is_available():
+        if torch.version.cuda is not None:
+            problems.append(f"torch {torch.__version__} is a CUDA build on a machine without a GPU")
+        for name in ("torchvision", "torchaudio", "torchcodec"):
+            try:
+                problems.append(f"{name} {importlib.metadata.version(name)} is installed (a CUDA build); "
+                                f"run: {sys.executable} -m pip uninstall -y {name}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    for p in problems:
+        print(f"venv check: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    from prism_mcore.data.tokenizer import cache_dir, qwen3_tokenizer
+
+    qwen3_tokenizer()
+    print(f"venv check: ok (torch {torch.__version__}, tokenizer cached in {cache_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
