@@ -21,9 +21,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from prism_mcore.trainer.demo import run_demo
+    from prism_mcore.trainer.demo import DEFAULT_CONFIG, run_demo
 
-    return run_demo(load_config(args.config, args.overrides))
+    return run_demo(load_config(args.config or DEFAULT_CONFIG, args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ from prism_mcore.config import ParallelConfig, PrismConfig, check_world_size
 
 def init_model_parallel(cfg: PrismConfig, seed: int | None = None) -> None:
     """Create the parallel groups for `cfg.parallel` on the already-joined default process group."""
+    from prism_mcore.platform import ensure_platform
+
+    ensure_platform()  # before the first Megatron import
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

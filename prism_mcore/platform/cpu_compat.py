@@ -145,6 +145,25 @@ def cuda_device_literals() -> None:
 
 
 @_patch
+def optimizer_tensor_type_names() -> None:
+    """Megatron's optimizers sort parameters by `param.type()` and accept only the names
+    'torch.cuda.{Float,Half,BFloat16}Tensor' ("Wrapped parameters must be one of torch.cuda.FloatTensor
+    ..."). Report CPU tensors under their CUDA type names; every other use of `.type(...)` is unchanged."""
+    original = torch.Tensor.type
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            # Reached twice when the device-literal mode re-dispatches the call: rename only once.
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_name
+
+
+@_patch
 def moe_te_gemm_symbol() -> None:
     """megatron-core 0.16.1 bug: the router refers to `te_general_gemm`, which is only defined when
     Transformer Engine imports, so the MoE router raises NameError without TE."""

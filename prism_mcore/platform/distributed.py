@@ -18,12 +18,7 @@ def _env_from_slurm() -> None:
 
 
 def init_distributed(timeout_s: float | None = None) -> None:
-    """Join the default process group (gloo on CPU, nccl on GPU); a no-op when already joined.
-
-    On a machine without CUDA this also installs the Megatron CPU compatibility layer."""
-    from prism_mcore.platform import ensure_platform
-
-    ensure_platform()
+    """Join the default process group (gloo on CPU, nccl on GPU); a no-op when already joined."""
     if dist.is_initialized():
         return
     _env_from_slurm()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -56,8 +57,9 @@ def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results
                 from prism_mcore.platform.distributed import init_distributed
 
                 init_distributed()
-            out = fn(*args, **kwargs)
-            results.put((spec.rank, True, out))
+            # Plain pickle copies tensor storage into the message; the queue's own pickler would
+            # share it through file descriptors that vanish when this process exits.
+            results.put((spec.rank, True, pickle.dumps(fn(*args, **kwargs))))
         except BaseException:  # noqa: BLE001 - every failure must reach the parent
             results.put((spec.rank, False, traceback.format_exc()))
         finally:
@@ -141,4 +143,4 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180
             failures.append(f"--- rank {r} {why} (killed); its stack:\n{stack}")
     if failures:
         raise RankFailure(f"{len(failures)}/{world_size} ranks failed\n" + "\n".join(failures))
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

@@ -1,0 +1,130 @@
+"""Training checkpoints with Megatron `dist_checkpointing`: model, optimizer, RNG, step and data position.
+
+Layout on disk:  ROOT/step_00000010/  (a torch_dist checkpoint + `prism_meta.json`)  and  ROOT/latest
+A step directory is written as `ROOT/.step_00000010.partial` and renamed only after every rank has
+finished and the metadata is on disk, so a crash mid-save never leaves a directory that looks
+complete; `latest` is replaced atomically afterwards. Loading works at another TP/PP/EP layout
+(the model and a fully-sharded optimizer state are resharded by Megatron); RNG state is restored
+only when the layout is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+META = "prism_meta.json"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / META).exists():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
+    return complete[-1] if complete else None
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(), "world": dist.get_world_size()}
+
+
+def _rng_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_expert_model_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_expert_model_parallel_rank())
+    replica = ps.get_data_parallel_rank(with_context_parallel=True) if ps.get_expert_model_parallel_world_size() == 1 \
+        else ps.get_expert_data_parallel_rank()
+    return ShardedObject("prism_rng_state", state, shape, offset, replica_id=replica)
+
+
+def _sharded_state(models: list, optimizer, with_rng: bool, loading: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for i, model in enumerate(models):
+        module = getattr(model, "module", model)
+        state[f"model{i}"] = module.sharded_state_dict()
+    if optimizer is not None:
+        model_state = {}
+        for i in range(len(models)):
+            model_state.update(state[f"model{i}"])
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=loading, sharding_type="fully_sharded_model_space")
+    if with_rng:
+        state["rng"] = _rng_object()
+    return state
+
+
+def save_checkpoint(root: str | Path, step: int, models: list, optimizer=None, meta: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final step directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, partial = step_dir(root, step), root / f".step_{step:08d}.partial"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(models, optimizer, with_rng=True, loading=False), str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        body = {"step": step, "layout": _layout(), "has_optimizer": optimizer is not None, **(meta or {})}
+        _write_atomic(partial / META, json.dumps(body, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _write_atomic(root / "latest", final.name)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, models: list, optimizer=None) -> dict:
+    """Collective. Loads into the given (already built) models/optimizer; returns the saved metadata."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    meta = json.loads((path / META).read_text())
+    same_layout = meta["layout"] == _layout()
+    state = dist_checkpointing.load(
+        _sharded_state(models, optimizer if meta["has_optimizer"] else None, with_rng=same_layout, loading=True),
+        str(path))
+    for i, model in enumerate(models):
+        getattr(model, "module", model).load_state_dict(state[f"model{i}"])
+    if optimizer is not None and meta["has_optimizer"]:
+        optimizer.load_state_dict(state["optimizer"])
+    if same_layout:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        torch.set_rng_state(state["rng"]["torch"])
+        get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+    return meta
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
