@@ -1,0 +1,5 @@
+"""Triton kernels for GPUs (also runnable on CPU tensors under TRITON_INTERPRET=1, for tests at tiny shapes).
+
+Modules import triton at import time; callers go through prism_mcore.ops, which only imports them when the
+triton backend is selected.
+"""
