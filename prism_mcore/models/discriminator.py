@@ -1,0 +1,283 @@
+"""The PRISM discriminator: a Qwen3(-MoE) Megatron backbone plus a scalar value head (spec section 1).
+
+`Discriminator.forward(input_ids, attention_mask, packed_seq_lengths)` returns one float32 score per
+token, [b, s], on the last pipeline stage (earlier stages return their hidden states, [s, b, h], for
+the pipeline schedule). `sequence_scores` reads each sequence's score at its own last valid token.
+
+Conventions (checked against megatron-core 0.16.1):
+  * GPTModel's RotaryEmbedding rotates by sequence index 0..s-1 and ignores `position_ids`. We swap
+    in a rotary module that uses per-token positions (cumsum(mask) - 1; restarting at 0 for each
+    packed sequence), so a left-padded row sees the same positions as the same row right-padded.
+  * The attention mask is boolean [b, 1, s, s], True = masked, causal AND same-sequence AND valid-key,
+    with the diagonal always open so pad queries (whose keys are all masked) cannot produce NaN.
+    The local DotProductAttention honours a given mask in its torch softmax (CPU), but with
+    AttnMaskType.causal its fused CUDA softmax ignores it, and TE's "causal" type takes no mask; so
+    every attention is switched to AttnMaskType.arbitrary, making our mask the whole truth on every
+    backend (the GPU paths are untested here).
+  * GPTModel's output layer is replaced by a parameter-free module that hands the final (normed)
+    hidden states through, all-gathered along the sequence under sequence parallelism; GPTModel then
+    returns them as [b, s, h] (it transposes when labels is None). The head runs here, in float32.
+
+The value head is replicated on every TP rank (same seeded init, same dropout masks), so the gather's
+backward just keeps this rank's slice (tensor_parallel_output_grad=False): every rank already holds
+the full gradient.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+HF_VALUE_HEAD_NAME = "score.weight"  # the head's name in exported HF checkpoints, shape [1, hidden]
+VALUE_HEAD_KEY = "value_head.weight"  # its key in our (sharded) state dicts
+HEAD_INIT_STD = 0.02
+
+# Per-row lists of packed sequence lengths, or cu_seqlens (0, l1, l1+l2, ...) of a single row.
+PackedLengths = Union[Sequence[Sequence[int]], torch.Tensor, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Masks, positions and the readout (plain torch: usable without Megatron)
+# --------------------------------------------------------------------------------------------
+
+def packed_lengths_per_row(packed_seq_lengths: PackedLengths, batch: int) -> list[list[int]]:
+    if isinstance(packed_seq_lengths, torch.Tensor):
+        cu = packed_seq_lengths.flatten().tolist()
+        if batch != 1 or not cu or cu[0] != 0:
+            raise ValueError("cu_seqlens must start at 0 and describe a single packed row (batch size 1)")
+        rows = [[b - a for a, b in zip(cu[:-1], cu[1:])]]
+    else:
+        rows = [[int(n) for n in row] for row in packed_seq_lengths]
+    if len(rows) != batch:
+        raise ValueError(f"packed_seq_lengths has {len(rows)} rows, the batch has {batch}")
+    if any(n <= 0 for row in rows for n in row):
+        raise ValueError("packed sequence lengths must be positive")
+    return rows
+
+
+def segment_ids(shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
+                packed_seq_lengths: PackedLengths = None, device=None) -> torch.Tensor:
+    """[b, s] long: 0 on padding, k >= 1 on the k-th sequence of the row. With packing the mask is not
+    consulted (the lengths say everything); otherwise each row's valid tokens form one sequence."""
+    b, s = shape
+    if packed_seq_lengths is not None:
+        seg = torch.zeros(b, s, dtype=torch.long)
+        for r, lengths in enumerate(packed_lengths_per_row(packed_seq_lengths, b)):
+            if sum(lengths) > s:
+                raise ValueError(f"row {r}: packed lengths {lengths} exceed the row length {s}")
+            seg[r, :sum(lengths)] = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))
+        return seg.to(device)
+    if attention_mask is None:
+        return torch.ones(b, s, dtype=torch.long, device=device)
+    return (attention_mask != 0).long().to(device)
+
+
+def positions_and_mask(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token positions [b, s] (index within its own sequence, pads 0 or repeating the last valid
+    position) and the boolean attention mask [b, 1, s, s] with True = masked."""
+    b, s = seg.shape
+    valid = seg > 0
+    count = valid.long().cumsum(1)
+    # each sequence starts counting at its first token; pads keep cumsum(mask) - 1, clamped at 0
+    start = count.new_full((b, int(seg.max()) + 1), s).scatter_reduce(1, seg, count - 1, "amin")
+    start[:, 0] = 0
+    positions = (count - 1 - start.gather(1, seg)).clamp(min=0)
+
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    allowed = causal & (seg[:, :, None] == seg[:, None, :]) & valid[:, None, :]
+    allowed |= torch.eye(s, dtype=torch.bool, device=seg.device)  # pad queries see themselves: no NaN
+    return positions, ~allowed[:, None]
+
+
+def last_token_index(attention_mask: torch.Tensor | None = None, packed_seq_lengths: PackedLengths = None,
+                     shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every sequence's last valid token, row-major and in packing order."""
+    if packed_seq_lengths is not None:
+        b = shape[0] if shape is not None else attention_mask.shape[0]
+        rows, cols = [], []
+        for r, lengths in enumerate(packed_lengths_per_row(packed_seq_lengths, b)):
+            ends = torch.tensor(lengths).cumsum(0) - 1
+            rows.append(torch.full_like(ends, r))
+            cols.append(ends)
+        return torch.cat(rows), torch.cat(cols)
+    if attention_mask is None:
+        b, s = shape
+        return torch.arange(b), torch.full((b,), s - 1, dtype=torch.long)
+    valid = attention_mask != 0
+    if not bool(valid.any(1).all()):
+        raise ValueError("a row of attention_mask has no valid token")
+    s = valid.shape[1]
+    # the last valid column of each row, whatever side (or sides) the padding is on
+    last = s - 1 - valid.flip(1).long().argmax(1)
+    return torch.arange(valid.shape[0], device=last.device), last
+
+
+def sequence_scores(token_scores: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    packed_seq_lengths: PackedLengths = None) -> torch.Tensor:
+    """[num_sequences] scores read at each sequence's own last valid token (per row, any padding mix)."""
+    rows, cols = last_token_index(attention_mask, packed_seq_lengths, tuple(token_scores.shape))
+    return token_scores[rows.to(token_scores.device), cols.to(token_scores.device)]
+
+
+# --------------------------------------------------------------------------------------------
+# The Megatron model
+# --------------------------------------------------------------------------------------------
+
+class _PositionalRotary(torch.nn.Module):
+    """Stands in for GPTModel.rotary_pos_emb: RoPE at the positions set for the current forward."""
+
+    def __init__(self, rope: torch.nn.Module):
+        super().__init__()
+        if rope.rotary_interleaved or rope.seq_len_interpolation_factor is not None:
+            raise NotImplementedError("interleaved / interpolated RoPE")
+        self.rope = rope
+        self.positions: torch.Tensor | None = None  # [b, s], set by Discriminator.forward
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.rope.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
+        if self.positions is None or self.positions.shape[1] != max_seq_len or offset or packed_seq:
+            raise RuntimeError("rotary positions not set for this forward (call the Discriminator, not its backbone)")
+        inv_freq = self.rope.inv_freq.to(self.positions.device, torch.float32)
+        freqs = self.positions.float()[..., None] * inv_freq  # [b, s, d/2], as HF computes it
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.transpose(0, 1)[:, :, None, :].contiguous()  # [s, b, 1, d]: broadcasts over heads
+
+
+class ReplicatedDropout(torch.nn.Module):
+    """Inverted dropout whose masks agree on all ranks replicating the head (the TP group): it draws
+    from a private generator seeded alike there, not from the global RNG, whose state Megatron's
+    seeding leaves different per TP rank on CPU (its deferred CUDA-RNG restores never run)."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self.seed = p, seed
+        self._generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self._generator is None or self._generator.device != x.device:
+            self._generator = torch.Generator(x.device).manual_seed(self.seed)
+        keep = torch.rand(x.shape, generator=self._generator, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class _FinalHidden(torch.nn.Module):
+    """Stands in for GPTModel.output_layer: no LM head, just the final hidden states, whole along the
+    sequence. `sequence_parallel` mirrors ColumnParallelLinear's flag, which GPTModel may toggle."""
+
+    def __init__(self, sequence_parallel: bool, tp_group):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.tp_group = tp_group
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
+        return hidden_states, None
+
+
+class Discriminator(torch.nn.Module):
+    """A GPTModel pipeline stage with its LM head replaced by Dropout -> Linear(hidden, 1, bias=False).
+
+    Megatron's schedules and grad finalization look model attributes up through `.module` chains
+    (`get_attr_wrapped_model`); `module` is therefore the backbone, so `model_type`, `vp_stage`, ...
+    resolve there while `config` and `set_input_tensor` resolve here. `sharded_state_dict` gives the
+    backbone exactly a GPTModel's keys, plus `value_head.weight`."""
+
+    def __init__(self, backbone: torch.nn.Module, head_dropout: float = 0.1, seed: int = 42):
+        super().__init__()
+        from megatron.core import parallel_state
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if backbone.share_embeddings_and_output_weights:
+            raise ValueError("build the backbone with untied embeddings: the LM head is replaced")
+        if backbone.config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism (the rotary positions are not CP-sliced)")
+        self.backbone = backbone
+        self.config = backbone.config
+        self.pre_process = backbone.pre_process
+        self.post_process = backbone.post_process
+
+        for module in backbone.modules():
+            if getattr(module, "attn_mask_type", None) == AttnMaskType.causal:
+                module.attn_mask_type = AttnMaskType.arbitrary
+        backbone.rotary_pos_emb = _PositionalRotary(backbone.rotary_pos_emb)
+
+        self.value_head = None
+        if self.post_process:
+            backbone.output_layer = _FinalHidden(self.config.sequence_parallel, backbone.pg_collection.tp)
+            device = next(backbone.parameters()).device
+            # fresh masks per data-parallel replica, identical across the TP ranks of one replica
+            dropout_seed = seed + 7919 * (1 + parallel_state.get_data_parallel_rank())
+            self.head_dropout = ReplicatedDropout(head_dropout, dropout_seed)
+            self.value_head = torch.nn.Linear(self.config.hidden_size, 1, bias=False, device=device,
+                                              dtype=torch.float32)
+            self.reset_head(seed)
+
+    @torch.no_grad()
+    def reset_head(self, seed: int) -> None:
+        """N(0, 0.02^2) from a private generator: the same weights on every rank, whatever RNG state."""
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.value_head.weight.shape, generator=g, dtype=torch.float32) * HEAD_INIT_STD
+        self.value_head.weight.copy_(w)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.backbone
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.backbone.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                packed_seq_lengths: PackedLengths = None) -> torch.Tensor:
+        seg = segment_ids(tuple(input_ids.shape), attention_mask, packed_seq_lengths, device=input_ids.device)
+        positions, mask = positions_and_mask(seg)
+        extra = {}
+        if self.config.num_moe_experts:
+            extra["padding_mask"] = self._padding_mask(seg == 0)  # keeps pads out of the aux loss
+        rotary = self.backbone.rotary_pos_emb
+        rotary.positions = positions
+        try:
+            out = self.backbone(input_ids, positions, mask, **extra)
+        finally:
+            rotary.positions = None
+        if not self.post_process:
+            return out  # hidden states for the next pipeline stage
+        hidden = self.head_dropout(out.float())  # [b, s, h]; fp32 even when the backbone runs in bf16
+        return F.linear(hidden, self.value_head.weight.float()).squeeze(-1)
+
+    def _padding_mask(self, pads: torch.Tensor) -> torch.Tensor:
+        # GPTModel splits the padding mask along the sequence for SP only on the first stage.
+        if self.config.sequence_parallel and not self.pre_process:
+            from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+            pads = scatter_to_sequence_parallel_region(pads.t().contiguous()).t().contiguous()
+        return pads
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from megatron.core.transformer.module import MegatronModule
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        # LanguageModule's version insists on the LM head's `output_layer.weight`; the generic one gives
+        # the backbone exactly the keys of a GPTModel (nothing here is tied or has extra state).
+        state = MegatronModule.sharded_state_dict(self.backbone, prefix, sharded_offsets, metadata)
+        if self.value_head is not None:  # replicated across TP and DP (replica ids follow Megatron's default)
+            state.update(sharded_state_dict_default(self.value_head, f"{prefix}value_head.", sharded_offsets,
+                                                    metadata))
+        return state
+
+
+def build_discriminator(model_cfg, parallel_cfg, head_dropout: float = 0.1, seed: int = 42) -> Discriminator:
+    """The local pipeline stage of the discriminator; call after `init_model_parallel`. The backbone is
+    built with untied embeddings so the last stage holds no LM head (it is replaced by the value head)."""
+    from prism_mcore.models.qwen3.model import build_qwen3
+
+    backbone = build_qwen3(model_cfg.model_copy(update={"tie_word_embeddings": False}), parallel_cfg)
+    return Discriminator(backbone, head_dropout=head_dropout, seed=seed)
