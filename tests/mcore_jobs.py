@@ -117,6 +117,8 @@ def megatron_feature(feature: str) -> str:
         build({"tp": 2, "sequence_parallel": True}, False, None)
     elif feature == "pp2_step":
         losses_and_grads({"pp": 2})
+    elif feature == "moe_tp2_ep2_step":
+        losses_and_grads({"tp": 2, "ep": 2, "sequence_parallel": True}, moe=True)
     elif feature in ("moe_ep2_step", "moe_step"):
         losses_and_grads({"ep": 2} if feature == "moe_ep2_step" else {}, moe=True)
     elif feature == "optimizer":

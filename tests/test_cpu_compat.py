@@ -14,6 +14,7 @@ NEEDED_BY = {
     "moe_te_gemm_symbol": (1, "moe_step", "te_general_gemm"),
     "moe_alltoall_split_sizes": (2, "moe_ep2_step", "all_to_all_single"),
     "torch_norm_sequence_parallel": (2, "tp2_sp", "sequence parallel not supported"),
+    "gloo_uneven_collectives": (4, "moe_tp2_ep2_step", "invalid tensor size"),
 }
 
 

@@ -6,12 +6,13 @@ import torch
 from mcore_jobs import global_loss, losses_and_grads
 from prism_mcore.parallel.shards import assemble
 
-LAYOUTS = {
-    "tp2": ({"tp": 2}, False),
-    "tp2_sp": ({"tp": 2, "sequence_parallel": True}, False),
-    "pp2": ({"pp": 2}, False),
-    "moe_ep2": ({"ep": 2}, True),
-    "moe_tp2_sp": ({"tp": 2, "sequence_parallel": True}, True),
+LAYOUTS = {  # name: (layout, moe, world size)
+    "tp2": ({"tp": 2}, False, 2),
+    "tp2_sp": ({"tp": 2, "sequence_parallel": True}, False, 2),
+    "pp2": ({"pp": 2}, False, 2),
+    "moe_ep2": ({"ep": 2}, True, 2),
+    "moe_tp2_sp": ({"tp": 2, "sequence_parallel": True}, True, 2),
+    "moe_tp2_ep2_sp": ({"tp": 2, "ep": 2, "sequence_parallel": True}, True, 4),
 }
 
 
@@ -31,9 +32,9 @@ def references(request):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_rank(name, references, ranks):
-    layout, moe = LAYOUTS[name]
+    layout, moe, world = LAYOUTS[name]
     ref = references[moe]
-    res = ranks(losses_and_grads, 2, layout, moe, ref["weights"])
+    res = ranks(losses_and_grads, world, layout, moe, ref["weights"])
     loss = global_loss(res)
     assert loss == pytest.approx(ref["loss"], rel=1e-5)
     grads = assemble([r["grads"] for r in res])

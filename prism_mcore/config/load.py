@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import ValidationError
 
+from prism_mcore.config.hf import fill_from_hf
 from prism_mcore.config.schema import PrismConfig, layout_problems
 
 
@@ -79,6 +80,11 @@ def _one_line(err: ValidationError) -> str:
 
 
 def build_config(tree: dict[str, Any]) -> PrismConfig:
+    try:
+        if isinstance(tree.get("model"), dict):
+            tree = {**tree, "model": fill_from_hf(tree["model"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"config error: model.hf_path: {e}") from None
     try:
         return PrismConfig.model_validate(tree)
     except ValidationError as e:

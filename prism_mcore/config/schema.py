@@ -172,9 +172,9 @@ def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str
         if p.tp * p.pp * p.cp * dp != ws:
             out.append(f"parallel.world_size={ws} must equal tp*pp*cp*dp="
                        f"{p.tp}*{p.pp}*{p.cp}*{dp}={p.tp * p.pp * p.cp * dp}")
-        elif (p.tp * p.cp * dp) % p.ep:
-            out.append(f"parallel.ep={p.ep} must divide tp*cp*dp={p.tp * p.cp * dp} "
-                       f"(experts are spread over the data-parallel ranks of a pipeline stage)")
+        elif (p.cp * dp) % p.ep:
+            out.append(f"parallel.ep={p.ep} must divide cp*dp={p.cp * dp} (experts are tensor-parallel like "
+                       f"the dense layers and spread over the data-parallel ranks; world_size >= tp*pp*ep)")
     if m.vocab_size <= 0:
         out.append("model.vocab_size must be positive")
     return out

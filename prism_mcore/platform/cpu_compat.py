@@ -212,6 +212,43 @@ def torch_norm_sequence_parallel() -> None:
     WrappedTorchNorm.__new__ = new
 
 
+@_patch
+def gloo_uneven_collectives() -> None:
+    """With expert parallelism *and* expert tensor parallelism, the MoE dispatcher all-gathers (and in
+    the backward reduce-scatters) token blocks of different lengths per rank. NCCL accepts that; gloo
+    raises "ProcessGroupGloo::allgather: invalid tensor size". Pad to the longest block instead."""
+    import torch.distributed as dist
+
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    def uneven(tensors: list, like: torch.Tensor) -> bool:
+        return any(t.shape != like.shape for t in tensors)
+
+    def all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+        if not uneven(tensor_list, tensor):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        pad = lambda t: torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])  # noqa: E731
+        padded = [tensor.new_empty(longest, *tensor.shape[1:]) for _ in tensor_list]
+        all_gather(padded, pad(tensor), group=group)
+        for out, got in zip(tensor_list, padded):
+            out.copy_(got[: out.shape[0]])
+        return None
+
+    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not uneven(input_list, output):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        flat = torch.cat([t.reshape(-1) for t in input_list])
+        dist.all_reduce(flat, op=op, group=group)
+        rank = dist.get_rank(group)
+        start = sum(t.numel() for t in input_list[:rank])
+        output.copy_(flat[start: start + output.numel()].view_as(output))
+        return None
+
+    dist.all_gather = all_gather_uneven
+    dist.reduce_scatter = reduce_scatter_uneven
+
+
 def install() -> list[str]:
     """Apply every patch (once per process) unless CUDA is available; return the names applied."""
     if torch.cuda.is_available() or _installed:
