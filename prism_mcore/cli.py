@@ -26,6 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(load_config(args.config or DEFAULT_CONFIG, args.overrides))
 
 
+# Subcommands that own their argument parsing: `prism NAME ...` -> module.main(argv).
+DELEGATED = {
+    "convert": ("prism_mcore.checkpoint.convert", "HF <-> Megatron checkpoint conversion"),
+    "upcycle": ("prism_mcore.models.qwen3.upcycle", "dense HF Qwen3 -> HF Qwen3-MoE (sparse upcycling)"),
+    "bench": ("prism_mcore.bench", "kernel benchmarks: logprob | grouped-gemm | router"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM post-training on Megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,10 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="defaults to configs/demo/demo.yaml")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_demo)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
