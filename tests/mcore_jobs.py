@@ -137,3 +137,4 @@ def megatron_feature(feature: str) -> str:
 
 def run_features(features: list[str]) -> list[str]:
     return [megatron_feature(f) for f in features]
+

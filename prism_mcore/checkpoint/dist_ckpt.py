@@ -68,8 +68,10 @@ def _sharded_state(models: list, optimizer, with_rng: bool, loading: bool) -> di
         model_state = {}
         for i in range(len(models)):
             model_state.update(state[f"model{i}"])
+        # fully_reshardable: optimizer state saved per parameter in its canonical shape, so it loads
+        # at another TP/PP/DP layout (the other 0.16.1 formats reshard only along DP).
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=loading, sharding_type="fully_sharded_model_space")
+            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
         state["rng"] = _rng_object()
     return state
