@@ -114,11 +114,12 @@ void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const 
               "gradients must be contiguous and shaped like hidden and weight");
   TORCH_CHECK(chunk_tokens > 0 && chunk_vocab > 0 && inv_temp > 0, "chunks and 1/temperature must be positive");
   const int64_t valid = std::clamp<int64_t>(valid_rows, 0, V);
-  if (valid < V) grad_weight.narrow(0, valid, V - valid).zero_();  // padding rows never take probability mass
   if (valid == 0 || T == 0) {
     grad_hidden.zero_();
+    grad_weight.zero_();
     return;
   }
+  if (valid < V) grad_weight.narrow(0, valid, V - valid).zero_();  // padding rows never take probability mass
   const int64_t tc_max = std::min(chunk_tokens, T), vc_max = std::min(chunk_vocab, valid);
   const auto acc_opts = hidden.options().dtype(acc);
   const bool lowp_cuda = hidden.is_cuda() && hidden.scalar_type() != acc;

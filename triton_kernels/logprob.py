@@ -29,13 +29,13 @@ def _configs():
 def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w, inv_temp,
                  BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h  # int64: V * d passes 2^31 for large heads
+    w_rows = w_ptr + cols.to(tl.int64)[None, :] * stride_w
     acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = (k0 + ks) < D
-        hb = tl.load(h_ptr + rows[:, None] * stride_h + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0.0)
-        wb = tl.load(w_ptr + cols[None, :] * stride_w + (k0 + ks)[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                     other=0.0)
+        hb = tl.load(h_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wb = tl.load(w_rows + (k0 + ks)[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(hb, wb, acc, input_precision=PRECISION)
     return acc * inv_temp
 
@@ -99,7 +99,7 @@ def _dlogits_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, mz_ptr, glp_ptr, gh_ptr, dz_pt
     c2 = -inv_temp * g_h
     dz = tl.exp(z - lse[:, None]) * (c1[:, None] + c2[:, None] * z)
     dz += tl.where(cols[None, :] == tgt[:, None], (inv_temp * g_lp)[:, None], 0.0)
-    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -117,7 +117,7 @@ def merge_splits(part: torch.Tensor) -> torch.Tensor:
 
 def forward_stats(h, w, y, inv_temp, vocab_start, valid, stats, *, new_output=None, v_per_split=None):
     T, D = h.shape
-    if valid == 0:
+    if valid == 0 or T == 0:
         stats[0].fill_(EMPTY_MAX)
         stats[1:].zero_()
         return
@@ -149,13 +149,14 @@ def _mm_into(out, a, b, accumulate):
 
 def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_v, dh, dw, *, new_output=None):
     T, D = h.shape
-    dw[valid:] = 0
-    if valid == 0:
+    if valid == 0 or T == 0:
         dh.zero_()
+        dw.zero_()
         return
+    dw[valid:] = 0
     alloc = new_output or (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
     dh_acc = dh if dh.dtype == torch.float32 else alloc((T, D), torch.float32, h.device)
-    cv = min(chunk_v, valid)
+    cv = min(chunk_v, valid, max(256, (1 << 27) // T))  # the dz workspace stays <= 128M elements for any T
     dz_buf = alloc((T * cv,), h.dtype, h.device)
     for v0 in range(0, valid, cv):
         vc = min(cv, valid - v0)

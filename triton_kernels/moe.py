@@ -115,11 +115,12 @@ def _gather_rows_kernel(src_ptr, idx_ptr, scale_ptr, out_ptr, R, D, DIV: tl.cons
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < R
     mask = row_ok[:, None] & (cols < D)[None, :]
-    slot = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    slot = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     vals = tl.load(src_ptr + (slot // DIV)[:, None] * D + cols[None, :], mask=mask, other=0.0)
     if HAS_SCALE:
         vals = vals.to(tl.float32) * tl.load(scale_ptr + slot, mask=row_ok, other=0.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], vals.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -132,12 +133,12 @@ def _combine_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, T, D, K: tl.constexpr
     mask = row_ok[:, None] & (cols < D)[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for i in tl.static_range(K):
-        pos = tl.load(pos_ptr + rows * K + i, mask=row_ok, other=0)
+        pos = tl.load(pos_ptr + rows * K + i, mask=row_ok, other=0).to(tl.int64)
         vals = tl.load(src_ptr + pos[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             vals *= tl.load(w_ptr + rows * K + i, mask=row_ok, other=0.0)[:, None]
         acc += vals
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,12 +147,13 @@ def _slot_dot_kernel(a_ptr, b_ptr, pos_ptr, out_ptr, TK, D, K: tl.constexpr, BLO
     """out[s] = <a[s // K], b[pos[s]]> for every (token, choice) slot s: the routing-weight gradient."""
     slots = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = slots < TK
-    pos = tl.load(pos_ptr + slots, mask=ok, other=0)
+    pos = tl.load(pos_ptr + slots, mask=ok, other=0).to(tl.int64)
+    tok = (slots // K).to(tl.int64)
     acc = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = ok[:, None] & (cols < D)[None, :]
-        a = tl.load(a_ptr + (slots // K)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + pos[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     tl.store(out_ptr + slots, acc, mask=ok)

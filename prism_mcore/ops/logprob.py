@@ -47,7 +47,7 @@ def combine_stats(stats: torch.Tensor, targets: torch.Tensor, tp_group=None):
     lse = m + log_s
     entropy = log_s - a / s
     logp = torch.where(targets >= 0, tz - lse, torch.zeros_like(lse))
-    return logp, entropy, lse, lse - entropy
+    return logp, entropy, lse, m + a / s
 
 
 class _TorchImpl:
@@ -85,11 +85,12 @@ class _TorchImpl:
     @staticmethod
     def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw):
         acc = lse.dtype
-        T, V = h.shape[0], w.shape[0]
-        dw[valid:] = 0
-        if valid == 0:
+        T = h.shape[0]
+        if valid == 0 or T == 0:
             dh.zero_()
+            dw.zero_()
             return
+        dw[valid:] = 0
         dh_acc = torch.zeros(h.shape, dtype=acc, device=h.device)
         c1 = (inv_temp * (g_ent * mean_z - g_lp))[:, None]
         c2 = (-inv_temp * g_ent)[:, None]
@@ -218,7 +219,9 @@ def naive_token_logprobs(hidden, weight, targets, temperature: float = 1.0, *, v
     logits = (hidden @ weight.t()).float() if hidden.dtype != torch.float64 else hidden @ weight.t()
     if vocab_size is not None and vocab_size < weight.shape[0]:
         logits = logits[:, :vocab_size]
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    if temperature != 1.0:  # in place, as a careful naive implementation would: no second [T, V] copy
+        logits = logits.div_(temperature)
+    logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(1, targets.clamp(min=0).long()[:, None]).squeeze(1)
     logp = torch.where(targets >= 0, logp, torch.zeros_like(logp))
     entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None

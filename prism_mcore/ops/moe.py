@@ -196,6 +196,14 @@ def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                               use_triton)
 
 
+def gmm(x: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False, *,
+        backend: str | None = None):
+    """Same call as `grouped_gemm.ops.gmm`, which Megatron's GroupedMLP uses: `batch_sizes` are tokens per
+    expert (CPU or device); w is [E, K, N], or [E, N, K] with trans_b. Offsets are built on x's device."""
+    offsets = torch.cumsum(batch_sizes.to(x.device), 0).to(torch.int32)
+    return grouped_gemm(x, w.transpose(1, 2) if trans_b else w, offsets, backend=backend)
+
+
 def moe_experts(x, probs, expert_idx, w_in, w_out, activation=F.silu, *, backend: str | None = None):
     """Dropless MoE expert MLP: permute -> grouped GEMM -> activation -> grouped GEMM -> weighted unpermute.
 

@@ -102,6 +102,16 @@ def test_extreme_logits_stay_finite(backend):
     assert_close(got[1], want[1], 1e-3, "entropy")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    weight = torch.randn(40, 8, requires_grad=True)
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    with poison_outputs():
+        logp, ent = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), vocab_size=30, backend=backend)
+        (logp.sum() + ent.sum()).backward()
+    assert logp.shape == (0,) and (weight.grad == 0).all()
+
+
 def test_leading_dims_and_default_backend():
     hidden, weight, targets, _, _ = make_case(T=12, V=50, vocab_size=50)
     logp, ent = token_logprobs(hidden.view(3, 4, -1), weight, targets.view(3, 4))

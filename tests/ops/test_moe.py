@@ -121,6 +121,18 @@ def test_permute_offsets_stay_on_device_and_sorted():
     assert x_sorted[:, 0].tolist() == [0, 1, 1, 2, 0, 2]
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gmm_megatron_call(trans_b):
+    """grouped_gemm.ops.gmm's signature (tokens per expert, optional trans_b), as Megatron's GroupedMLP calls it."""
+    from prism_mcore.ops import gmm
+
+    g = gen()
+    counts = torch.tensor([3, 0, 5])
+    x, w = torch.randn(8, 4, generator=g), torch.randn(3, 4, 6, generator=g)
+    out = gmm(x, w.transpose(1, 2).contiguous() if trans_b else w, counts, trans_b=trans_b)
+    torch.testing.assert_close(out.double(), ref_grouped(x, w, torch.cumsum(counts, 0)), rtol=1e-5, atol=1e-5)
+
+
 def test_moe_backend_names_are_checked():
     with pytest.raises(ValueError, match="valid choices: auto, torch, triton"):
         grouped_gemm(torch.zeros(2, 4), torch.zeros(1, 4, 4), torch.tensor([2], dtype=torch.int32), backend="cutlass")

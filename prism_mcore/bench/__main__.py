@@ -1,0 +1,5 @@
+import sys
+
+from prism_mcore.bench import main
+
+raise SystemExit(main(sys.argv[1:]))
