@@ -126,6 +126,14 @@ def megatron_feature(feature: str) -> str:
 
         cfg, model = build({}, False, None)
         build_optimizer([wrap_ddp(model)], cfg.optim)
+    elif feature == "optimizer_resume":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as root:
+            before = train_save_resume({}, root, "save")
+            after = train_save_resume({}, root, "resume")
+        if abs(before[1] - after[1]) > 1e-6 * abs(before[1]):
+            raise AssertionError(f"resumed losses {after} differ from uninterrupted {before}")
     elif feature == "rope_forward":
         cfg, model = build({}, False, None)
         with torch.no_grad():
@@ -138,3 +146,34 @@ def megatron_feature(feature: str) -> str:
 def run_features(features: list[str]) -> list[str]:
     return [megatron_feature(f) for f in features]
 
+
+
+def train_save_resume(layout: dict, root: str, phase: str, steps: int = 2):
+    """'save': one AdamW step, checkpoint (model + optimizer + RNG), then `steps` more.
+    'resume': a fresh model loads the checkpoint, then `steps`. Returns the global loss per step."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+    from prism_mcore.trainer.megatron_step import build_optimizer, train_step, wrap_ddp
+
+    cfg, model = build(layout, False, None, seed=5)
+    ddp = wrap_ddp(model)
+    opt = build_optimizer([ddp], cfg.optim.model_copy(update={"lr": 1e-2, "weight_decay": 0.1}))
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    batches = microbatches(n=2)[dp_rank::dp]
+
+    def step() -> float:
+        res = train_step([ddp], opt, lm_forward_step, batches, len(batches), 16, 2)
+        loss = torch.tensor(sum(d["loss"] for d in res.losses) if res.losses else 0.0)
+        speaks = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        dist.all_reduce(loss if speaks else loss.zero_())
+        return loss.item() / 2
+
+    if phase == "save":
+        step()
+        save_checkpoint(root, 1, [ddp], opt, meta={"data_position": 1})
+    else:
+        meta = load_checkpoint(latest_checkpoint(root), [ddp], opt)
+        assert meta["data_position"] == 1
+    return [step() for _ in range(steps)]

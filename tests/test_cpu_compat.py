@@ -11,6 +11,7 @@ NEEDED_BY = {
     "cuda_streams": (1, "moe_step", "Stream"),
     "cuda_device_literals": (2, "pp2_step", "CUDA"),
     "optimizer_tensor_type_names": (1, "optimizer", "Wrapped parameters must be one of"),
+    "optimizer_torch_adam_step": (1, "optimizer_resume", "KeyError: 'step'"),
     "moe_te_gemm_symbol": (1, "moe_step", "te_general_gemm"),
     "moe_alltoall_split_sizes": (2, "moe_ep2_step", "all_to_all_single"),
     "torch_norm_sequence_parallel": (2, "tp2_sp", "sequence parallel not supported"),

@@ -1,4 +1,21 @@
-"""Training checkpoints: a failed save never looks complete (save/reshard-load: test_dist_checkpoint.py)."""
+"""Training checkpoints: model + optimizer + RNG resume exactly, also at another layout; a failed
+save never looks complete."""
+import pytest
+
+from mcore_jobs import train_save_resume
+
+
+@pytest.mark.timeout(600)
+def test_resume_continues_exactly(tmp_path, ranks):
+    uninterrupted = ranks(train_save_resume, 2, {"tp": 2}, str(tmp_path), "save")[0]
+    assert uninterrupted[1] < uninterrupted[0]  # AdamW at lr 1e-2 moves the loss
+    resumed = ranks(train_save_resume, 2, {"tp": 2}, str(tmp_path), "resume")[0]
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6)
+    at_tp1 = ranks(train_save_resume, 1, {}, str(tmp_path), "resume")[0]
+    at_pp2 = ranks(train_save_resume, 2, {"pp": 2}, str(tmp_path), "resume")[0]
+    assert at_tp1 == pytest.approx(uninterrupted, rel=1e-5)
+    assert at_pp2 == pytest.approx(uninterrupted, rel=1e-5)
+
 from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint
 
 

@@ -108,6 +108,8 @@ def load_checkpoint(path: str | Path, models: list, optimizer=None) -> dict:
     path = Path(path)
     meta = json.loads((path / META).read_text())
     same_layout = meta["layout"] == _layout()
+    if optimizer is not None and meta["has_optimizer"]:
+        _materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(
         _sharded_state(models, optimizer if meta["has_optimizer"] else None, with_rng=same_layout, loading=True),
         str(path))
@@ -121,6 +123,23 @@ def load_checkpoint(path: str | Path, models: list, optimizer=None) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
     return meta
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state until its first step, and Megatron's optimizer
+    (without apex/TE) cannot describe an empty state for loading. Take one zero-learning-rate step
+    on zero gradients, a no-op on the weights, so that the state exists to be overwritten."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    if all(len(o.state) for o in inner):
+        return
+    saved_lr = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for model_chunk in getattr(optimizer, "model_chunks", []):
+        model_chunk.zero_grad_buffer()
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved_lr):
+        group["lr"] = lr
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -164,6 +164,41 @@ def optimizer_tensor_type_names() -> None:
 
 
 @_patch
+def optimizer_torch_adam_step() -> None:
+    """Without apex/TE the inner optimizer is torch's Adam, which keeps a per-parameter `step`
+    tensor. Megatron's reshardable optimizer checkpoint stores `step` once, and
+      * setting per-parameter states then fails with "KeyError: 'step'": leave the step alone while
+        the saved tensors are copied in;
+      * `load_state_dict` gives every parameter the *same* step tensor, which Adam increments in
+        place once per parameter, corrupting bias correction after a resume: give each its own."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in tensors or "step" not in state:
+            return original(self, model_param, tensors)
+        step = state.pop("step")
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
+@_patch
 def moe_te_gemm_symbol() -> None:
     """megatron-core 0.16.1 bug: the router refers to `te_general_gemm`, which is only defined when
     Transformer Engine imports, so the MoE router raises NameError without TE."""
