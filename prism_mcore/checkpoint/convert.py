@@ -25,6 +25,46 @@ from prism_mcore.config.load import build_config
 HF_SIDE_DIR = "hf"
 
 
+POLICY, DISCRIMINATOR = "policy", "discriminator"
+
+
+def _build(kind: str, cfg: PrismConfig):
+    if kind == DISCRIMINATOR:
+        from prism_mcore.models.discriminator import build_discriminator
+
+        return build_discriminator(cfg.model, cfg.parallel)
+    from prism_mcore.models.qwen3.model import build_qwen3
+
+    return build_qwen3(cfg.model, cfg.parallel)
+
+
+def _with_head(kind: str, read, hf_get, source: LazyCheckpoint):
+    """The discriminator's value head comes from `score.weight` when the source has one (an exported
+    discriminator); a fresh upcycled backbone keeps the head's N(0, 0.02^2) initialization."""
+    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME, VALUE_HEAD_KEY
+
+    def read_with_head(key, region):
+        if key != VALUE_HEAD_KEY:
+            return read(key, region)
+        return hf_get(HF_VALUE_HEAD_NAME, region) if HF_VALUE_HEAD_NAME in source.weight_map else None
+
+    return read_with_head if kind == DISCRIMINATOR else read
+
+
+def expected_hf_shapes(kind: str, model: ModelConfig, source: LazyCheckpoint) -> dict:
+    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME
+    from prism_mcore.models.qwen3.hf_adapter import hf_shapes
+
+    shapes = hf_shapes(model)
+    if kind == DISCRIMINATOR:  # the LM head is unused; the value head may or may not be there yet
+        shapes.pop("lm_head.weight", None)
+        if HF_VALUE_HEAD_NAME in source.weight_map:
+            shapes[HF_VALUE_HEAD_NAME] = (1, model.hidden_size)
+        elif "lm_head.weight" in source.weight_map:
+            shapes["lm_head.weight"] = (model.vocab_size, model.hidden_size)
+    return shapes
+
+
 def minimal_world(tp: int, pp: int, ep: int) -> int:
     """Fewest ranks that host the layout: experts split over data-parallel replicas of the TP group."""
     return tp * pp * ep
@@ -35,20 +75,19 @@ def _config(model: dict, tp: int, pp: int, ep: int, world: int) -> PrismConfig:
         "tp": tp, "pp": pp, "ep": ep, "world_size": world, "sequence_parallel": tp > 1 and model.get("num_experts", 0) > 0}})
 
 
-def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int) -> int:
+def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int, kind: str = POLICY) -> int:
     from prism_mcore.checkpoint.dist_ckpt import save_checkpoint
-    from prism_mcore.models.qwen3.hf_adapter import hf_shapes, megatron_reader
-    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
     from prism_mcore.parallel.layout import init_model_parallel
     from prism_mcore.parallel.shards import load_full
 
     cfg = _config(model, tp, pp, ep, dist.get_world_size())
     init_model_parallel(cfg)
-    gpt = build_qwen3(cfg.model, cfg.parallel)
+    net = _build(kind, cfg)
     source = LazyCheckpoint(hf_dir)
-    source.check_shapes(hf_shapes(cfg.model))
-    loaded = load_full(gpt, megatron_reader(cfg.model, source.get))
-    save_checkpoint(out, 0, [gpt], meta={"model": cfg.model.model_dump(), "source": str(hf_dir)})
+    source.check_shapes(expected_hf_shapes(kind, cfg.model, source))
+    loaded = load_full(net, _with_head(kind, megatron_reader(cfg.model, source.get), source.get, source))
+    save_checkpoint(out, 0, [net], meta={"model": cfg.model.model_dump(), "source": str(hf_dir), "kind": kind})
     if dist.get_rank() == 0:
         side = Path(out) / HF_SIDE_DIR
         side.mkdir(parents=True, exist_ok=True)
@@ -59,19 +98,18 @@ def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int) -
 
 def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
     from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint
-    from prism_mcore.models.qwen3.hf_adapter import hf_tensors, is_layered
-    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.models.qwen3.hf_adapter import is_layered
     from prism_mcore.parallel.layout import init_model_parallel
     from prism_mcore.parallel.shards import local_shards
 
     ckpt = latest_checkpoint(ckpt_root)
     meta = json.loads((ckpt / "prism_meta.json").read_text())
-    layout = meta["layout"]
+    layout, kind = meta["layout"], meta.get("kind", POLICY)
     cfg = _config(meta["model"], layout["tp"], layout["pp"], layout["ep"], dist.get_world_size())
     init_model_parallel(cfg)
-    gpt = build_qwen3(cfg.model, cfg.parallel)
-    load_checkpoint(ckpt, [gpt])
-    mine = [s for s in local_shards(gpt) if s.primary]
+    net = _build(kind, cfg)
+    load_checkpoint(ckpt, [net])
+    mine = [s for s in local_shards(net) if s.primary]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted({(s.key, s.global_shape) for s in mine}))
     tensors = sorted(set().union(*map(set, everyone)))
@@ -84,13 +122,35 @@ def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
             dist.gather_object(pieces, gathered, dst=0)
             if writer:
                 value = _assemble_one(key, shape, layer, [p for rank in gathered for p in rank])
-                for name, tensor in hf_tensors(cfg.model, key, layer, value):
+                for name, tensor in _hf_tensors(kind, cfg.model, key, layer, value):
                     writer.add(name, tensor)
     if writer:
         side = latest_checkpoint(ckpt_root).parent / HF_SIDE_DIR
-        writer.close(sorted(side.iterdir()) if side.exists() else [])
+        out = writer.close(sorted(side.iterdir()) if side.exists() else [])
+        if kind == DISCRIMINATOR:
+            _as_sequence_classifier(out / "config.json")
     dist.barrier()
     return 0
+
+
+def _hf_tensors(kind: str, model: ModelConfig, key: str, layer, value):
+    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME, VALUE_HEAD_KEY
+    from prism_mcore.models.qwen3.hf_adapter import hf_tensors
+
+    if key == VALUE_HEAD_KEY:
+        yield HF_VALUE_HEAD_NAME, value
+    elif not (kind == DISCRIMINATOR and key == "output_layer.weight"):
+        yield from hf_tensors(model, key, layer, value)
+
+
+def _as_sequence_classifier(config_path: Path) -> None:
+    """A discriminator is released as `Qwen3(Moe)ForSequenceClassification` with one label: transformers'
+    own class for a backbone + `score` Linear(hidden, 1, bias=False), scored at the last token."""
+    cfg = json.loads(config_path.read_text())
+    base = "Qwen3Moe" if cfg.get("model_type") == "qwen3_moe" else "Qwen3"
+    cfg.update(architectures=[f"{base}ForSequenceClassification"], num_labels=1,
+               id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _assemble_one(key: str, shape: tuple, layer: int | None, pieces: list) -> torch.Tensor:
@@ -110,15 +170,19 @@ def _assemble_one(key: str, shape: tuple, layer: int | None, pieces: list) -> to
     return value
 
 
-def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, overrides: dict | None = None) -> int:
-    from prism_mcore.models.qwen3.hf_adapter import hf_shapes, model_fields_from_hf, read_hf_config
+def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, kind: str = POLICY) -> int:
+    from prism_mcore.models.qwen3.hf_adapter import model_fields_from_hf, read_hf_config
     from prism_mcore.platform.multiproc import run_on_ranks
 
-    model = ModelConfig.model_validate({**model_fields_from_hf(read_hf_config(hf_dir)), **(overrides or {})})
+    hf_config = read_hf_config(hf_dir)
+    if any(a.endswith("ForSequenceClassification") for a in hf_config.get("architectures", [])):
+        kind = DISCRIMINATOR
+    model = ModelConfig.model_validate(model_fields_from_hf(hf_config))
     world = minimal_world(tp, pp, ep)
     _config(model.model_dump(), tp, pp, ep, world)  # layout errors surface here, before any rank starts
-    LazyCheckpoint(hf_dir).check_shapes(hf_shapes(model))  # shape errors too
-    run_on_ranks(import_rank, world, hf_dir, out, model.model_dump(), tp, pp, ep, timeout=3600)
+    source = LazyCheckpoint(hf_dir)
+    source.check_shapes(expected_hf_shapes(kind, model, source))  # shape errors too
+    run_on_ranks(import_rank, world, hf_dir, out, model.model_dump(), tp, pp, ep, kind, timeout=3600)
     return 0
 
 
@@ -143,6 +207,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--discriminator", action="store_true",
+                   help="import as the PRISM discriminator (backbone + value head `score.weight`)")
     p = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF safetensors directory")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
@@ -150,7 +216,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
-            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep)
+            kind = DISCRIMINATOR if args.discriminator else POLICY
+            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, kind)
         return mcore_to_hf(args.ckpt, args.out, int(args.max_shard_gb * 1024**3))
     except (ConfigError, ShapeMismatch, FileNotFoundError, ValueError) as e:
         print(f"convert: {e}".splitlines()[0], file=sys.stderr)

@@ -59,11 +59,16 @@ def _rng_object():
     return ShardedObject("prism_rng_state", state, shape, offset, replica_id=replica)
 
 
+def _unwrap_ddp(model):
+    # Only DDP is unwrapped: other wrappers (the discriminator) expose `.module` for Megatron's
+    # schedules but define their own sharded state.
+    return model.module if hasattr(model, "ddp_config") else model
+
+
 def _sharded_state(models: list, optimizer, with_rng: bool, loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for i, model in enumerate(models):
-        module = getattr(model, "module", model)
-        state[f"model{i}"] = module.sharded_state_dict()
+        state[f"model{i}"] = _unwrap_ddp(model).sharded_state_dict()
     if optimizer is not None:
         model_state = {}
         for i in range(len(models)):
@@ -114,7 +119,7 @@ def load_checkpoint(path: str | Path, models: list, optimizer=None) -> dict:
         _sharded_state(models, optimizer if meta["has_optimizer"] else None, with_rng=same_layout, loading=True),
         str(path))
     for i, model in enumerate(models):
-        getattr(model, "module", model).load_state_dict(state[f"model{i}"])
+        _unwrap_ddp(model).load_state_dict(state[f"model{i}"])
     if optimizer is not None and meta["has_optimizer"]:
         optimizer.load_state_dict(state["optimizer"])
     if same_layout:

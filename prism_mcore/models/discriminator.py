@@ -263,14 +263,22 @@ class Discriminator(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         from megatron.core.transformer.module import MegatronModule
-        from megatron.core.transformer.utils import sharded_state_dict_default
 
         # LanguageModule's version insists on the LM head's `output_layer.weight`; the generic one gives
         # the backbone exactly the keys of a GPTModel (nothing here is tied or has extra state).
         state = MegatronModule.sharded_state_dict(self.backbone, prefix, sharded_offsets, metadata)
-        if self.value_head is not None:  # replicated across TP and DP (replica ids follow Megatron's default)
-            state.update(sharded_state_dict_default(self.value_head, f"{prefix}value_head.", sharded_offsets,
-                                                    metadata))
+        # Checkpoint keys stay those of a plain GPTModel; the dict keys follow this module's structure
+        # so that `load_state_dict` on the loaded dict finds them.
+        state = {f"backbone.{k}" if k.startswith(prefix) else k: v for k, v in state.items()} if not prefix \
+            else state
+        if self.value_head is not None:
+            from megatron.core import parallel_state as ps
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+            # Replicated over TP and DP: exactly one rank (TP 0, DP 0) owns the saved copy.
+            replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
+            key = f"{prefix}{VALUE_HEAD_KEY}"
+            state[key] = ShardedTensor.from_rank_offsets(key, self.value_head.weight, replica_id=replica)
         return state
 
 

@@ -96,11 +96,14 @@ def assemble(shards_per_rank: list[list[Shard]], keys: Callable[[str], bool] = l
 @torch.no_grad()
 def load_full(model: torch.nn.Module, read: Callable[[str, tuple[slice, ...]], torch.Tensor]) -> list[str]:
     """Fill this rank's pieces from full tensors: `read(key, region)` returns the region only, so a
-    lazy reader (safetensors slices) never loads more than this rank holds. Returns the keys loaded."""
+    lazy reader (safetensors slices) never loads more than this rank holds. `read` may return None
+    to keep a tensor's current (initialized) value. Returns the keys loaded."""
     loaded = []
     for t in _sharded_tensors(model):
         region = Shard(t.key, tuple(t.global_shape), tuple(t.global_offset), t.data, True).region()
         value = read(t.key, region)
+        if value is None:
+            continue
         if value.numel() != t.data.numel():
             raise ValueError(f"{t.key}: expected {tuple(t.data.shape)} for region {region}, got {tuple(value.shape)}")
         t.data.copy_(value.reshape(t.data.shape))

@@ -85,3 +85,26 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "model.layers.0.mlp.gate_proj.weight" in err and "(96, 64)" in err and "(128, 64)" in err
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.timeout(900)
+def test_discriminator_export_writes_value_head(tmp_path):
+    """Upcycled MoE -> discriminator checkpoint (fresh value head) -> HF sequence classifier that
+    transformers loads, whose last-token score equals our value head's; and back again exactly."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_hf(tmp_path / "moe", moe=True, tied=True, vocab=300)
+    hf_to_mcore(str(tmp_path / "moe"), str(tmp_path / "disc"), ep=2, kind="discriminator")
+    mcore_to_hf(str(tmp_path / "disc"), str(tmp_path / "disc_hf"))
+    exported = _tensors(tmp_path / "disc_hf")
+    head = exported["score.weight"]
+    assert head.shape == (1, 64) and 0.01 < float(head.std()) < 0.03
+    assert "lm_head.weight" not in exported
+    source = _tensors(tmp_path / "moe")
+    assert all(torch.equal(source[k], exported[k]) for k in source if k != "lm_head.weight")
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "disc_hf")
+    assert type(clf).__name__ == "Qwen3MoeForSequenceClassification"
+    hf_to_mcore(str(tmp_path / "disc_hf"), str(tmp_path / "disc2"), tp=2, ep=2)  # kind read from config
+    mcore_to_hf(str(tmp_path / "disc2"), str(tmp_path / "disc_hf2"))
+    again = _tensors(tmp_path / "disc_hf2")
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
