@@ -29,10 +29,10 @@ def test_peers_of_a_failed_rank_are_not_left_waiting():
 def test_hang_is_killed_with_its_stack():
     start = time.monotonic()
     with pytest.raises(RankFailure) as err:
-        run_on_ranks(hang_forever, 2, timeout=8)
+        run_on_ranks(hang_forever, 2, timeout=25)  # long enough for the ranks to start on a busy machine
     text = str(err.value)
-    assert "hung past 8s" in text and "hang_forever" in text
-    assert time.monotonic() - start < 30
+    assert "hung past 25s" in text and "hang_forever" in text
+    assert time.monotonic() - start < 60
 
 
 def test_crash_without_report():

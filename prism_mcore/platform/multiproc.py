@@ -47,7 +47,7 @@ def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec.port), RANK=str(spec.rank),
                       LOCAL_RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size),
                       LOCAL_WORLD_SIZE=str(spec.world_size))
-    with open(spec.stack_file, "w") as stacks:
+    with open(spec.stack_file, "a") as stacks:
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
         try:
             import torch
@@ -84,8 +84,9 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180
     tmp = tempfile.mkdtemp(prefix="prism_ranks_")
     procs = []
     for rank in range(world_size):
-        spec = _RankSpec(rank, world_size, port, os.path.join(tmp, f"stack{rank}.txt"), threads, init_dist,
-                         child_env)
+        stack_file = os.path.join(tmp, f"stack{rank}.txt")
+        open(stack_file, "w").close()  # exists even if the rank dies before it starts
+        spec = _RankSpec(rank, world_size, port, stack_file, threads, init_dist, child_env)
         p = ctx.Process(target=_rank_main, args=(spec, fn, args, kwargs, results), name=f"prism-rank{rank}")
         p.start()
         procs.append(p)
@@ -137,7 +138,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180
             failures.append(f"--- rank {r} failed:\n{outcome[r][1]}")
         else:
             with open(os.path.join(tmp, f"stack{r}.txt")) as f:
-                stack = f.read().strip() or "(no stack captured)"
+                stack = f.read().strip() or "(no stack captured: the rank had not started its function)"
             others_failed = any(not ok for ok, _ in outcome.values())
             why = "was still running after another rank failed" if others_failed else f"hung past {timeout:.0f}s"
             failures.append(f"--- rank {r} {why} (killed); its stack:\n{stack}")
