@@ -61,3 +61,42 @@ def megatron_logits(hf_dir: str, layout: dict, ids: torch.Tensor):
     if not ps.is_pipeline_last_stage():
         return None
     return out[0]["logits"][..., : cfg.model.vocab_size].clone()
+
+
+def megatron_fused_logprobs(hf_dir: str, layout: dict, ids: torch.Tensor):
+    """Next-token log-probs and entropies through the fused head (no logits) at `layout`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from prism_mcore.checkpoint.hf_io import LazyCheckpoint
+    from prism_mcore.config import load_config
+    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
+    from prism_mcore.models.qwen3.logprob_head import hidden_to_logprobs, use_fused_logprob_head
+    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.parallel.layout import init_model_parallel
+    from prism_mcore.parallel.shards import load_full
+
+    cfg = load_config(None, [f"model.hf_path={hf_dir}"] + [f"parallel.{k}={v}" for k, v in layout.items()])
+    init_model_parallel(cfg)
+    model = build_qwen3(cfg.model, cfg.parallel)
+    load_full(model, megatron_reader(cfg.model, LazyCheckpoint(hf_dir).get))
+    use_fused_logprob_head(model)
+    model.eval()
+    b, s = ids.shape
+    targets = torch.cat([ids[:, 1:], torch.full((b, 1), -1)], dim=1)
+
+    def step(data, m):
+        hidden = m(ids, torch.arange(s).unsqueeze(0).expand(b, s), None)
+
+        def collect(h):
+            logp, ent = hidden_to_logprobs(model, h, targets, cfg.model.vocab_size)
+            return torch.zeros(()), {"logp": logp, "entropy": ent}
+
+        return hidden, collect
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                          num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return out[0]["logp"][:, :-1].clone(), out[0]["entropy"][:, :-1].clone()

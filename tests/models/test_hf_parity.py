@@ -108,3 +108,22 @@ def test_discriminator_export_writes_value_head(tmp_path):
     mcore_to_hf(str(tmp_path / "disc2"), str(tmp_path / "disc_hf2"))
     again = _tensors(tmp_path / "disc_hf2")
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout, world", [({"tp": 2, "sequence_parallel": True}, 2), ({"pp": 2}, 2)],
+                         ids=["tp2_sp", "pp2"])
+def test_fused_logprob_head_matches_transformers(layout, world, tmp_path, ranks):
+    """The policy's log-prob path (no logits) gives transformers' log_softmax, with a padded vocab."""
+    from hf_jobs import megatron_fused_logprobs
+
+    hf = tiny_hf(tmp_path / "hf", vocab=300, tied=False)
+    ids = tokens(300)
+    logits = hf_logits(hf, ids).double()
+    logprobs = torch.log_softmax(logits, -1)
+    expected = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    expected_entropy = -(logprobs.exp() * logprobs).sum(-1)[:, :-1]
+    outs = [o for o in ranks(megatron_fused_logprobs, world, str(tmp_path / "hf"), layout, ids) if o is not None]
+    for logp, entropy in outs:
+        torch.testing.assert_close(logp.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,40 @@
+"""The policy's log-prob path: final hidden states -> fused vocab-parallel log-prob (+ entropy), so that
+the [tokens, vocab] logits are never materialized, in training or in log-prob recomputation.
+
+GPTModel's output layer keeps its parameters and checkpoint keys; only its forward is redirected to
+hand back the hidden states, and `token_logprobs` consumes them with the layer's (vocab-sharded) weight.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from prism_mcore.ops import token_logprobs
+
+
+def _hidden_forward(self, input_, weight=None, runtime_gather_output=None):
+    # GPTModel passes the tied embedding as `weight`; remember which matrix the logits would use.
+    self.lm_weight = weight if weight is not None else self.weight
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        # The fused op all-reduces d(hidden) over TP itself, so the gather's backward must only split.
+        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
+    return input_, None
+
+
+def use_fused_logprob_head(gpt) -> None:
+    """Make `gpt(...)` (labels=None) return final hidden states [b, s, h] on the last pipeline stage."""
+    if getattr(gpt, "post_process", False) and hasattr(gpt, "output_layer"):
+        gpt.output_layer.forward = types.MethodType(_hidden_forward, gpt.output_layer)
+
+
+def hidden_to_logprobs(gpt, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                       temperature: float = 1.0, backend: str | None = "auto", with_entropy: bool = True):
+    """(logp, entropy) [b, s] of `targets` under the model, from the hidden states `gpt` returned."""
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return token_logprobs(hidden, gpt.output_layer.lm_weight, targets, temperature, vocab_size=vocab_size,
+                          tp_group=tp_group, backend=backend, with_entropy=with_entropy)
