@@ -1,0 +1,240 @@
+"""SFT chat data: read conversations, tokenize them with an assistant-only loss mask, pack and pad.
+
+Accepted line formats (JSON Lines, or one JSON array of records):
+- plain: `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`;
+- LLaMA-Factory sharegpt: `{"conversations": [{"from": "human"|"gpt", "value": ...}], "system": ...}`,
+  where the system prompt may also be a first `{"from": "system"}` turn. `images` is ignored here
+  (text-only until the vision tower lands).
+
+The loss covers each assistant turn's content and the `<|im_end|>` that closes it: that end token is
+what teaches the model to stop. The `<|im_start|>assistant\\n` header, the newline after the end
+token and all system/user turns are context only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from prism_mcore.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+# LLaMA-Factory's default sharegpt tags. Tool turns (`observation`, `function_call`) are not used by
+# PRISM, so a conversation with them is skipped rather than trained with a guessed role.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class SFTSample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is a training target
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---- reading
+
+def _content_ok(content: Any) -> bool:
+    # A string, or a list of {"type": "text"|"image", ...} parts that the chat template renders.
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(part, dict) and part.get("type") in ("text", "image")
+                                             for part in content)
+
+
+def normalize_record(record: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """(messages, None) for a usable record, else (None, reason)."""
+    if not isinstance(record, dict):
+        return None, "not_an_object"
+    if "messages" in record:
+        raw = record["messages"]
+        if not isinstance(raw, list):
+            return None, "bad_messages"
+        messages = []
+        for m in raw:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                return None, "bad_message"
+            messages.append({"role": m["role"], "content": m["content"]})
+    elif "conversations" in record:
+        raw = record["conversations"]
+        if not isinstance(raw, list):
+            return None, "bad_conversations"
+        messages = []
+        system = record.get("system")
+        if system:
+            if not isinstance(system, str):
+                return None, "bad_system"
+            messages.append({"role": "system", "content": system})
+        for m in raw:
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                return None, "bad_message"
+            role = SHAREGPT_ROLES.get(m["from"])
+            if role is None:
+                return None, "unknown_role"
+            messages.append({"role": role, "content": m["value"]})
+    else:
+        return None, "no_messages"
+    if any(m["role"] not in ROLES for m in messages):
+        return None, "unknown_role"
+    if any(not _content_ok(m["content"]) for m in messages):
+        return None, "bad_content"
+    if sum(m["role"] == "system" for m in messages) > 1 or any(m["role"] == "system" for m in messages[1:]):
+        return None, "misplaced_system"
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        return None, "no_assistant"  # nothing to learn from
+    return messages, None
+
+
+def _records(path: Path) -> Iterable[tuple[int, Any, str | None]]:
+    """(line number, record, parse error) for each line, or each item of a top-level JSON array."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON array ({e.msg})") from None
+        for i, item in enumerate(items, 1):
+            yield i, item, None
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line), None
+        except json.JSONDecodeError:
+            yield i, None, "invalid_json"
+
+
+def load_chat_jsonl(path: str | Path) -> tuple[list[list[dict[str, Any]]], Counter]:
+    """All usable conversations and a Counter of skipped lines by reason. A file with no usable line is
+    a DataError naming the file (usually the wrong file or the wrong format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: SFT file not found")
+    conversations, skipped = [], Counter()
+    first_bad = None
+    for lineno, record, error in _records(path):
+        messages, error = (None, error) if error else normalize_record(record)
+        if messages is None:
+            skipped[error] += 1
+            first_bad = first_bad or f"line {lineno}: {error}"
+            continue
+        conversations.append(messages)
+    if not conversations:
+        detail = f"; first problem at {first_bad}" if first_bad else " (empty file)"
+        raise DataError(f"{path}: no usable conversation: expected 'messages' or sharegpt 'conversations'{detail}")
+    if skipped:
+        logger.warning("%s: skipped %d malformed lines: %s", path, sum(skipped.values()), dict(skipped))
+    return conversations, skipped
+
+
+# ---- tokenizing
+
+def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(messages: Sequence[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to train on: for each assistant turn, from
+    the end of its header to the end of its first end-of-turn token (eos). Spans come from rendering
+    growing prefixes, so they follow whatever template the tokenizer carries, as long as rendering
+    is prefix-stable (true of Qwen's template; checked here)."""
+    text = _render(tokenizer, messages)
+    eos = tokenizer.eos_token
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        header = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[:i + 1])
+        if not text.startswith(turn) or not turn.startswith(header):
+            raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
+        start = len(header)
+        end = turn.find(eos, start) if eos else -1
+        spans.append((start, end + len(eos) if end >= 0 else len(turn)))
+    return text, spans
+
+
+def tokenize_chat(messages: Sequence[dict], tokenizer, max_length: int) -> SFTSample:
+    """Token ids exactly as `tokenizer.apply_chat_template(messages, tokenize=True)` gives them (the
+    whole text is encoded at once, so no merge differs at turn boundaries), truncated to
+    `max_length`. A token is a target when it starts inside an assistant span."""
+    text, spans = assistant_char_spans(messages, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask, j = [], 0
+    for start, _end in offsets:  # offsets and spans are both increasing: one merge-like pass
+        while j < len(spans) and start >= spans[j][1]:
+            j += 1
+        mask.append(int(j < len(spans) and spans[j][0] <= start))
+    return SFTSample(list(ids[:max_length]), mask[:max_length])
+
+
+# ---- batching
+
+def pack_by_token_budget(samples: Sequence[SFTSample], budget: int, padded: bool = False,
+                         stats: Counter | None = None) -> list[list[SFTSample]]:
+    """Group samples into micro-batches of at most `budget` tokens, first-fit decreasing (long samples
+    placed first, each into the first micro-batch with room), which leaves few, full micro-batches.
+
+    The cost of a micro-batch is the sum of its lengths (packed / dynamic batching), or with
+    `padded=True` its padded size, count x longest (for `collate_padded`). A sample longer than the
+    budget is truncated to it and counted in `stats["truncated"]`. The result is ordered by length,
+    so shuffle the micro-batches before training on them."""
+    if budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {budget}")
+    fitted = []
+    for s in samples:
+        if len(s) > budget:
+            s = SFTSample(s.input_ids[:budget], s.loss_mask[:budget])
+            if stats is not None:
+                stats["truncated"] += 1
+        fitted.append(s)
+    order = sorted(range(len(fitted)), key=lambda i: -len(fitted[i]))  # stable: ties keep input order
+    bins: list[list[SFTSample]] = []
+    used: list[int] = []  # tokens in each bin (sum) or its longest sample (padded)
+    for i in order:
+        s = fitted[i]
+        for b, batch in enumerate(bins):
+            # Decreasing order: in padded mode the bin's first sample is its longest.
+            cost = (len(batch) + 1) * used[b] if padded else used[b] + len(s)
+            if cost <= budget:
+                batch.append(s)
+                if not padded:
+                    used[b] += len(s)
+                break
+        else:
+            bins.append([s])
+            used.append(len(s))
+    return bins
+
+
+def collate_padded(samples: Sequence[SFTSample], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors: `tokens[B,S]`; `labels[B,S]` = next token (tokens shifted left by one);
+    `loss_mask[B,S]` (float) = whether that *label* is a training target, 0 on padding and on the
+    last position, which has no next token."""
+    import torch
+
+    if not samples:
+        raise ValueError("collate_padded needs at least one sample")
+    width = max(len(s) for s in samples)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        n = len(s)
+        if n == 0:
+            continue
+        ids = torch.tensor(s.input_ids, dtype=torch.long)
+        tokens[row, :n] = ids
+        labels[row, :n - 1] = ids[1:]
+        loss_mask[row, :n - 1] = torch.tensor(s.loss_mask[1:], dtype=torch.float32)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
