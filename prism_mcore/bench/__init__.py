@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--warmup", type=int, help="untimed calls first; memory comes from the first (default 1/3)")
         p.add_argument("--ceiling", metavar="FILE", help="JSON from `prism bench ceiling`: add fractions of it")
         p.add_argument("--in-process", action="store_true",
-                       help="on CPU, skip the fresh process per case (faster; peak memory is then unreliable)")
+                       help="on CPU, skip the fresh process per case and time cases one after another (faster; "
+                            "peak memory is then unreliable)")
         module.add_args(p)
     return parser
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from prism_mcore.bench.common import print_table, run_case, to_rows
+    from prism_mcore.bench.common import print_table, run_case, run_group_interleaved, to_rows
 
     args = build_parser().parse_args(argv)
     device = args.device
@@ -55,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.ceiling) as f:
             ceiling_summary = ceiling.summary(json.load(f))
     results = []
+    groups: dict[str, list] = {}
     for case in module.cases(args, device, base):
-        print(f"  {case.op} {case.impl} {case.mode} {case.shape} {case.dtype} ...", file=sys.stderr, flush=True)
-        results.append(run_case(case, isolate=on_cpu and not args.in_process))
+        groups.setdefault(json.dumps([case.mode, case.shape, case.dtype]), []).append(case)
+    for group in groups.values():
+        print(f"  {args.op} {group[0].mode} {group[0].shape} {group[0].dtype}: {', '.join(c.impl for c in group)}",
+              file=sys.stderr, flush=True)
+        if on_cpu and not args.in_process:
+            results += run_group_interleaved(group)
+        else:
+            results += [run_case(c, isolate=False) for c in group]
     rows = to_rows(results, module.REFERENCE, ceiling_summary)
     print_table(f"prism bench {args.op} ({rows[0]['device'] if rows else device})", rows)
     if args.json:

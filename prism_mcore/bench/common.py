@@ -147,6 +147,33 @@ def run_case(case: Case, isolate: bool) -> Result:
     return Result(case, out["times_s"], out["peak_mem_bytes"], out["work"], out["work_unit"], out["extra"])
 
 
+def run_group_interleaved(cases: list[Case]) -> list[Result]:
+    """Peak memory from a fresh process per case; times from round-robin calls of all cases in this process."""
+    from dataclasses import replace
+
+    from prism_mcore.bench import OPS
+
+    peaks = [run_case(replace(c, reps=0), isolate=True) for c in cases]
+    built = []
+    for c in cases:
+        torch.manual_seed(c.seed)
+        built.append(OPS[c.op].build(c))
+    for c, (call, _, _) in zip(cases, built):
+        for _ in range(c.warmup):
+            call()
+    load_before = os.getloadavg()[0]
+    times: list[list[float]] = [[] for _ in cases]
+    for rep in range(max(c.reps for c in cases)):
+        order = range(len(cases)) if rep % 2 == 0 else reversed(range(len(cases)))
+        for i in order:
+            t0 = time.perf_counter()
+            built[i][0]()
+            times[i].append(time.perf_counter() - t0)
+    load = round(max(load_before, os.getloadavg()[0]), 2)
+    return [Result(c, t, p.peak_mem_bytes, work, unit, {"load_avg_1m": load, "timing": "interleaved"})
+            for c, t, p, (_, work, unit) in zip(cases, times, peaks, built)]
+
+
 def to_rows(results: list[Result], reference_impl: str, ceiling: dict | None) -> list[dict]:
     """One JSON-able row per result; ratios are to the reference impl with the same mode, shape and dtype."""
     refs = {}
