@@ -69,6 +69,21 @@ def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results
                 destroy_distributed()
 
 
+# Imported once by the fork server, so a new rank starts in ~0.1 s instead of re-importing these (~8 s).
+_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "transformers",
+            "prism_mcore.platform.distributed"]
+
+
+def _context():
+    """Ranks fork from a server that has the heavy modules imported (and no threads or process group of
+    its own); PRISM_RANK_START=spawn falls back to plain spawning."""
+    if os.environ.get("PRISM_RANK_START", "forkserver") == "spawn":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, grace: float = 15.0,
                  init_dist: bool = True, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
     """Call `fn(*args, **kwargs)` on `world_size` spawned ranks; return the per-rank results in rank order.
@@ -76,7 +91,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180
     `fn` must be importable by name (module level). Raises `RankFailure` with every rank's traceback,
     exit code, or (on timeout) live Python stack.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results: mp.Queue = ctx.Queue()
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
