@@ -86,6 +86,7 @@ class EngineHealth:
     sleeping: bool
     pid: int
     staged_version: int | None = None  # an update being received but not yet committed
+    busy: bool = False  # inside generate/score
     detail: str = ""
 
 

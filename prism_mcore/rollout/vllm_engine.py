@@ -125,6 +125,7 @@ class VLLMEngine(RolloutEngine):
         self._staged: list = []
         self._staged_names: set[str] = set()
         self._staged_count = 0
+        self._busy = False
 
     # ---- generation -------------------------------------------------------------------------------
 
@@ -136,6 +137,13 @@ class VLLMEngine(RolloutEngine):
         if expect_version is not None and expect_version != self._version:
             raise StaleWeightsError(f"engine {self.engine_id} holds weight version {self._version}, "
                                     f"asked for {expect_version}")
+
+    def _run(self, inputs: list, vparams) -> list:
+        self._busy = True
+        try:
+            return self.llm.generate(inputs, vparams, use_tqdm=False)
+        finally:
+            self._busy = False
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  expect_version: int | None = None) -> list[GenerationResult]:
@@ -153,7 +161,7 @@ class VLLMEngine(RolloutEngine):
             if p.multi_modal_data:
                 item["multi_modal_data"] = p.multi_modal_data
             inputs.append(item)
-        outs = self.llm.generate(inputs, vparams, use_tqdm=False)
+        outs = self._run(inputs, vparams)
         results = []
         for out in outs:
             completions = []
@@ -170,7 +178,7 @@ class VLLMEngine(RolloutEngine):
 
         self._check_ready(None)
         vparams = VllmParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], vparams, use_tqdm=False)
+        outs = self._run([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], vparams)
         return [[out.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))] for out, s in zip(outs, sequences)]
 
     # ---- staged weight update -----------------------------------------------------------------------
@@ -259,7 +267,7 @@ class VLLMEngine(RolloutEngine):
 
     def health(self) -> EngineHealth:
         return EngineHealth(self.engine_id, not self._broken, self._version, self._sleeping, os.getpid(),
-                            self._staged_version, self._broken)
+                            self._staged_version, self._busy, self._broken)
 
     @property
     def weight_version(self) -> int:

@@ -1,0 +1,288 @@
+"""Several rollout engines as Ray actors (data parallel; each engine's tensor parallelism is vLLM's).
+
+* Prompts of a batch are spread over the engines that hold the wanted weight version; an engine that dies
+  mid-generation is restarted by Ray (`max_restarts`) and its prompts are re-issued to a live engine.
+  A restarted engine comes back with its checkpoint weights (version 0) and is left out until the next
+  sync reaches it.
+* A step samples only from engines at the requested version (default: the newest one seen); async
+  (off-policy) rollouts opt in with `max_staleness`.
+* Every wait has a deadline (`RolloutConfig.timeout_s`); a timeout names the engine and the step.
+* Placement: one placement group with bundles for the trainer ranks and the engines. Colocated: engines
+  share the trainer's bundles (and sleep while it trains); disaggregated: engines get bundles of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from prism_mcore.rollout.engine import (EngineError, EngineHealth, GenerationResult, Prompt, SamplingParams,
+                                        StaleWeightsError)
+from prism_mcore.rollout.weight_sync import EngineEndpoints
+
+log = logging.getLogger("prism.rollout")
+
+
+class EngineTimeoutError(EngineError):
+    """An engine did not answer within the configured timeout."""
+
+
+class EngineActor:
+    """The Ray actor around one `VLLMEngine`. Health runs on its own thread so it answers mid-generation."""
+
+    def __init__(self, engine_id: int, engine_kwargs: dict[str, Any]):
+        from prism_mcore.rollout.vllm_engine import VLLMEngine
+
+        self.engine = VLLMEngine(engine_id=engine_id, **engine_kwargs)
+
+    def generate(self, prompts, params, expect_version=None):
+        return self.engine.generate(prompts, params, expect_version)
+
+    def score(self, sequences):
+        return self.engine.score(sequences)
+
+    def receive_bucket(self, version, bucket):
+        return self.engine.receive_bucket(version, bucket)
+
+    def commit_update(self, version, expected_tensors, digest=False):
+        return self.engine.commit_update(version, expected_tensors, digest)
+
+    def abort_update(self, version=None):
+        return self.engine.abort_update(version)
+
+    def sleep(self):
+        return self.engine.sleep()
+
+    def wake_up(self):
+        return self.engine.wake_up()
+
+    def read_params(self, names=None):
+        return self.engine.read_params(names)
+
+    @ray.method(concurrency_group="control")
+    def health(self) -> EngineHealth:
+        return self.engine.health()
+
+    @ray.method(concurrency_group="control")
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+# ---- placement ----------------------------------------------------------------------------------------
+
+@dataclass
+class Placement:
+    """Bundles of one placement group: trainer rank r uses `trainer_bundles[r]`, engine i `engine_bundles[i]`."""
+    group: Any
+    trainer_bundles: list[int]
+    engine_bundles: list[int]
+    engine_share: float  # fraction of its bundle's CPU/GPU an engine takes (colocated: shares with a trainer rank)
+    device: str
+
+    def _options(self, bundle: int, share: float) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts: dict[str, Any] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=bundle, placement_group_capture_child_tasks=True)}
+        opts["num_gpus" if self.device == "gpu" else "num_cpus"] = share
+        if self.device == "gpu":
+            opts["num_cpus"] = 0
+        return opts
+
+    def engine_options(self, i: int) -> dict:
+        return self._options(self.engine_bundles[i], self.engine_share)
+
+    def trainer_options(self, rank: int) -> dict:
+        """For launchers that run trainer ranks as Ray actors."""
+        return self._options(self.trainer_bundles[rank], 1.0 - self.engine_share if self.engine_share < 1 else 1.0)
+
+
+def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: float = 60.0) -> Placement:
+    """Colocated: one bundle per trainer rank, engine i on bundle i*engine_tp (engines and trainer share it).
+    Disaggregated: trainer bundles, then engine_tp bundles per engine. vLLM's own TP workers of an engine
+    use the engine's bundle range (engine_tp consecutive bundles)."""
+    from ray.util.placement_group import placement_group
+
+    unit = {"GPU": 1.0, "CPU": 1.0} if device == "gpu" else {"CPU": 1.0}
+    tp, n = rollout.engine_tp, rollout.num_engines
+    if rollout.mode == "colocated":
+        if n * tp > trainer_ranks:
+            raise ValueError(f"rollout.mode=colocated needs rollout.num_engines*rollout.engine_tp={n * tp} <= "
+                             f"{trainer_ranks} trainer ranks (engines share the trainer's devices)")
+        bundles, engines, share = [dict(unit) for _ in range(trainer_ranks)], [i * tp for i in range(n)], 0.5
+    else:
+        bundles = [dict(unit) for _ in range(trainer_ranks + n * tp)]
+        engines, share = [trainer_ranks + i * tp for i in range(n)], 1.0
+    group = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        raise EngineError(f"placement group of {len(bundles)} bundles {unit} not placed within {timeout_s:.0f}s "
+                          f"(cluster: {ray.cluster_resources()})") from None
+    return Placement(group, list(range(trainer_ranks)), engines, share, device)
+
+
+# ---- pool -------------------------------------------------------------------------------------------
+
+@dataclass
+class PoolStats:
+    prompts_per_engine: dict[int, int] = field(default_factory=dict)
+    reissued_prompts: int = 0
+    failed_engines: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class EnginePool:
+    def __init__(self, model_path: str, rollout, engine_kwargs: dict[str, Any] | None = None,
+                 placement: Placement | None = None, namespace: str = "prism", name_prefix: str = "prism-engine",
+                 max_restarts: int = 3):
+        self.model_path, self.rollout = model_path, rollout
+        self.engine_kwargs = dict(engine_kwargs or {}, model_path=model_path,
+                                  tensor_parallel_size=rollout.engine_tp)
+        self.placement, self.namespace = placement, namespace
+        self.names = [f"{name_prefix}-{i}" for i in range(rollout.num_engines)]
+        self.max_restarts = max_restarts
+        self.actors: list = []
+        self.version = 0  # newest weight version seen on any engine
+        self.last_stats = PoolStats()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> "EnginePool":
+        cls = ray.remote(concurrency_groups={"control": 1})(EngineActor)
+        for i, name in enumerate(self.names):
+            opts = dict(name=name, namespace=self.namespace, max_restarts=self.max_restarts, max_task_retries=0)
+            opts.update(self.placement.engine_options(i) if self.placement else {"num_cpus": 1})
+            self.actors.append(cls.options(**opts).remote(i, self.engine_kwargs))
+        # vLLM start-up (~20 s on CPU) runs in every actor at once; health answers once __init__ is done.
+        self._get([a.health.remote() for a in self.actors], "start-up", None)
+        return self
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    @property
+    def endpoints(self) -> EngineEndpoints:
+        address = ray.get_runtime_context().gcs_address
+        nodes = self._get([a.node_id.remote() for a in self.actors], "node lookup", None)
+        return EngineEndpoints(address, self.namespace, list(self.names), nodes)
+
+    def _get(self, refs: list, what: str, step: int | None, timeout_s: float | None = None) -> list:
+        timeout = self.rollout.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                raise EngineTimeoutError(f"engine {self.names[i]}, step {step}: {what} timed out after "
+                                         f"{timeout:.0f}s") from None
+        return out
+
+    def health(self, timeout_s: float = 10.0) -> list[EngineHealth | None]:
+        """Per engine; None while it is dead, restarting or unresponsive."""
+        refs = [a.health.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out: list[EngineHealth | None] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=0) if ref in ready else None)
+            except RayActorError:
+                out.append(None)
+        for h in out:
+            if h is not None:
+                self.version = max(self.version, h.weight_version)
+        return out
+
+    def wait_healthy(self, timeout_s: float) -> list[EngineHealth]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            healths = self.health(timeout_s=max(1.0, min(10.0, deadline - time.monotonic())))
+            if all(h is not None and h.ok for h in healths):
+                return healths  # type: ignore[return-value]
+            if time.monotonic() > deadline:
+                down = [self.names[i] for i, h in enumerate(healths) if h is None or not h.ok]
+                raise EngineTimeoutError(f"engines {down} not healthy after {timeout_s:.0f}s")
+            time.sleep(1.0)
+
+    def sleep(self) -> None:
+        self._get([a.sleep.remote() for a in self.actors], "sleep", None)
+
+    def wake_up(self) -> None:
+        self._get([a.wake_up.remote() for a in self.actors], "wake_up", None)
+
+    @contextlib.contextmanager
+    def asleep(self) -> Iterator[None]:
+        """Colocated mode: engines release memory while the trainer runs inside this block."""
+        self.sleep()
+        try:
+            yield
+        finally:
+            self.wake_up()
+
+    def score(self, sequences: Sequence[Sequence[int]], engine: int = 0) -> list[list[float]]:
+        return self._get([self.actors[engine].score.remote(list(map(list, sequences)))], "score", None)[0]
+
+    # ---- generation -----------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, step: int | None = None,
+                 version: int | None = None, max_staleness: int = 0) -> list[GenerationResult]:
+        """Completions for every prompt, in order, sampled from weights of `version` (default: the newest
+        version on any engine), or up to `max_staleness` versions older in async mode."""
+        t0 = time.monotonic()
+        healths = self.health()
+        want = self.version if version is None else version
+        usable = [i for i, h in enumerate(healths)
+                  if h is not None and h.ok and not h.sleeping and want - max_staleness <= h.weight_version <= want]
+        if not usable:
+            raise EngineError(f"step {step}: no engine holds weight version {want} (max staleness "
+                              f"{max_staleness}): " + ", ".join(f"{n}={h.weight_version if h else 'down'}"
+                                                                 for n, h in zip(self.names, healths)))
+        strict = want if max_staleness == 0 else None
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        stats = PoolStats()
+        chunks = [list(range(len(prompts)))[k::len(usable)] for k in range(len(usable))]
+        pending: dict[Any, tuple[int, list[int]]] = {}
+
+        def submit(engine: int, indices: list[int]) -> None:
+            if indices:
+                ref = self.actors[engine].generate.remote([prompts[j] for j in indices], params, strict)
+                pending[ref] = (engine, indices)
+                stats.prompts_per_engine[engine] = stats.prompts_per_engine.get(engine, 0) + len(indices)
+
+        for engine, indices in zip(usable, chunks):
+            submit(engine, indices)
+        deadline = t0 + self.rollout.timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted({self.names[e] for e, _ in pending.values()})
+                raise EngineTimeoutError(f"step {step}: generate on engines {late} timed out after "
+                                         f"{self.rollout.timeout_s:.0f}s")
+            ref = ready[0]
+            engine, indices = pending.pop(ref)
+            try:
+                for j, r in zip(indices, ray.get(ref)):
+                    results[j] = r
+            except (RayActorError, StaleWeightsError) as e:
+                # The engine died (Ray restarts it with checkpoint weights) or lost the version: never use
+                # it again in this call, and give its prompts to a live engine.
+                log.warning("step %s: engine %s failed (%s); re-issuing %d prompts", step, self.names[engine],
+                            type(e).__name__, len(indices))
+                stats.failed_engines.append(engine)
+                usable = [u for u in usable if u != engine]
+                if not usable:
+                    raise EngineError(f"step {step}: every engine at weight version {want} failed") from e
+                stats.reissued_prompts += len(indices)
+                load = {u: sum(len(ix) for e2, ix in pending.values() if e2 == u) for u in usable}
+                submit(min(usable, key=lambda u: load[u]), indices)
+        stats.seconds = time.monotonic() - t0
+        self.last_stats = stats
+        return results  # type: ignore[return-value]

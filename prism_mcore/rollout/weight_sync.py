@@ -1,0 +1,283 @@
+"""Weight sync: Megatron's training layout (TP/PP/EP shards over ranks) -> HF-named tensors -> engines.
+
+Called collectively by every trainer rank after an optimizer step:
+
+    stats = sync_weights(model, cfg.model, endpoints, version=step + 1, bucket_mb=cfg.rollout.weight_bucket_mb)
+
+1. Plan (one metadata all-gather): every Megatron tensor is cut into units of one layer (and the
+   non-layered tensors); each unit gets one *sender*, a rank that holds a piece of it, rotating over the
+   holders so TP ranks share the work and each PP stage sends its own layers.
+2. Stream: units are processed in the same order on every rank. Holders send their pieces of a unit to its
+   sender (point-to-point, tensors only); the sender assembles the unit (a unit it holds whole is used
+   in place), converts it with `hf_tensors` and adds the HF tensors to its bucket. Full buckets go to
+   every engine as staged (uncommitted) data. A rank never holds more than one bucket plus one unit.
+3. Commit: once every sender is done, rank 0 asks each engine to commit the version; an engine commits
+   only a complete update, so a sync that fails anywhere leaves every engine on its previous version.
+4. Optional probe: engines score a fixed batch; a log-prob mismatch with the trainer raises.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from prism_mcore.rollout.probe import Probe, check_probe
+from prism_mcore.rollout.transport import BucketPacker
+
+log = logging.getLogger("prism.rollout")
+
+
+class WeightSyncError(RuntimeError):
+    """A sync failed; every engine that did not commit still serves its previous version."""
+
+
+@dataclass
+class EngineEndpoints:
+    """Enough to reach the engine actors from any process of the Ray cluster (picklable)."""
+    address: str | None
+    namespace: str
+    names: list[str]
+    node_ids: list[str] = field(default_factory=list)
+
+    def connect(self) -> list:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False, configure_logging=False)
+        return [ray.get_actor(n, namespace=self.namespace) for n in self.names]
+
+    def transport_for_here(self) -> str:
+        """shm when every engine runs on this node (buffers are mapped, not copied), else the object store."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return "shm" if self.node_ids and all(n == here for n in self.node_ids) else "ray"
+
+
+@dataclass
+class SyncStats:
+    version: int
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    stream_s: float = 0.0  # gather + convert + pack + deliver (this rank)
+    commit_s: float = 0.0
+    probe_error: float | None = None
+    engines: dict[str, Any] = field(default_factory=dict)  # engine name -> UpdateSummary (rank 0)
+
+
+# ---- plan -------------------------------------------------------------------------------------------
+
+@dataclass
+class _Piece:
+    rank: int
+    index: int  # position in that rank's list of primary shards
+    region: tuple[slice, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class _Unit:
+    key: str
+    shape: tuple[int, ...]
+    layer: int | None
+    pieces: list[_Piece]
+    sender: int
+
+
+def _layer_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
+    return (slice(layer, layer + 1),) + tuple(region[1:])
+
+
+def _unit_order(key: str, layer: int | None) -> tuple:
+    # Embedding first, then layer by layer (vLLM's layerwise reload buffers a layer until it is complete),
+    # then final norm and output layer.
+    if layer is None:
+        return (0 if key.startswith("embedding") else 2, -1, key)
+    return (1, layer, key)
+
+
+def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
+    from prism_mcore.models.qwen3.hf_adapter import is_layered
+    from prism_mcore.parallel.shards import _is_primary, _sharded_tensors
+
+    mine = [t for t in _sharded_tensors(model) if _is_primary(t.replica_id)]
+    meta = [(t.key, tuple(t.global_shape), _region(t), t.data.dtype) for t in mine]
+    world = dist.get_world_size()
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, meta)
+    units: dict[tuple, _Unit] = {}
+    for rank, rows in enumerate(everyone):
+        for index, (key, shape, region, dtype) in enumerate(rows):
+            if key == "output_layer.weight" and model_cfg.tie_word_embeddings:
+                continue  # the tied head has no HF tensor of its own
+            layers = range(region[0].start, region[0].stop) if is_layered(key) else [None]
+            for layer in layers:
+                unit = units.setdefault((key, layer), _Unit(key, shape, layer, [], -1))
+                unit.pieces.append(_Piece(rank, index, region if layer is None else _layer_region(region, layer),
+                                          dtype))
+    ordered = sorted(units.values(), key=lambda u: _unit_order(u.key, u.layer))
+    for i, unit in enumerate(ordered):
+        holders = sorted({p.rank for p in unit.pieces})
+        unit.sender = holders[i % len(holders)]
+    return mine, ordered
+
+
+def _region(shard) -> tuple[slice, ...]:
+    shape = (1,) * (len(shard.global_shape) - shard.data.dim()) + tuple(shard.data.shape)
+    return tuple(slice(o, o + s) for o, s in zip(shard.global_offset, shape))
+
+
+def _local_piece(shard, layer: int | None) -> torch.Tensor:
+    """This rank's piece of one unit: the whole shard, or its one-layer slice (a view, with the layer axis)."""
+    if layer is None:
+        return shard.data
+    region = _region(shard)
+    full = shard.data.reshape(tuple(r.stop - r.start for r in region))
+    return full[layer - region[0].start: layer - region[0].start + 1]
+
+
+def _covers_whole(unit: _Unit) -> bool:
+    target = unit.shape[1:] if unit.layer is not None else unit.shape
+    region = unit.pieces[0].region[1:] if unit.layer is not None else unit.pieces[0].region
+    return len(unit.pieces) == 1 and all(r.start == 0 and r.stop == s for r, s in zip(region, target))
+
+
+def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective over the default process group: yields, on each unit's sender, the HF (name, tensor)
+    pairs of that unit. Every rank must drain the iterator. Tensors may be views of live parameters."""
+    from prism_mcore.checkpoint.convert import _assemble_one
+    from prism_mcore.models.qwen3.hf_adapter import hf_tensors
+
+    me = dist.get_rank()
+    mine, units = _plan(model, model_cfg)
+    for unit in units:
+        if unit.sender != me:
+            for piece in unit.pieces:
+                if piece.rank == me:
+                    dist.send(_local_piece(mine[piece.index], unit.layer).contiguous(), dst=unit.sender)
+            continue
+        if _covers_whole(unit):
+            value = _local_piece(mine[unit.pieces[0].index], unit.layer)
+            value = value[0] if unit.layer is not None else value
+        else:
+            pieces = []
+            for piece in unit.pieces:
+                if piece.rank == me:
+                    data = _local_piece(mine[piece.index], unit.layer)
+                else:
+                    data = torch.empty(tuple(r.stop - r.start for r in piece.region), dtype=piece.dtype)
+                    dist.recv(data, src=piece.rank)
+                pieces.append((piece.region, data))
+            value = _assemble_one(unit.key, unit.shape, unit.layer, pieces)
+        yield from hf_tensors(model_cfg, unit.key, unit.layer, value)
+
+
+# ---- sync -------------------------------------------------------------------------------------------
+
+def _wait(refs: list, names: list[str], what: str, timeout_s: float, step: int | None) -> list:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    deadline = time.monotonic() + timeout_s
+    out = []
+    for name, ref in zip(names, refs):
+        try:
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except GetTimeoutError:
+            raise WeightSyncError(f"engine {name}, step {step}: {what} timed out after {timeout_s:.0f}s") from None
+        except RayError as e:
+            raise WeightSyncError(f"engine {name}, step {step}: {what} failed: {str(e).splitlines()[-1]}") from e
+    return out
+
+
+def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, version: int,
+                 bucket_mb: float = 512, transport: str = "auto", timeout_s: float = 600.0,
+                 step: int | None = None, probe: Probe | None = None, digest: bool = False) -> SyncStats:
+    """Push the model's current weights to every engine as `version` (collective over all trainer ranks).
+
+    Raises WeightSyncError (or LogprobMismatch from the probe) on every rank if anything failed."""
+    t0 = time.perf_counter()
+    me = dist.get_rank()
+    stats = SyncStats(version)
+    actors, error = [], None
+    try:
+        actors = endpoints.connect()
+        transport = endpoints.transport_for_here() if transport == "auto" else transport
+    except Exception as e:  # noqa: BLE001 - reported collectively below
+        error = f"rank {me}: cannot reach the engines: {e!r}"
+    inflight: list = []
+
+    def deliver(bucket) -> None:
+        # One bucket in flight per sender: waiting for the previous acknowledgement bounds shm use and
+        # stops a sync early when an engine rejects a bucket or dies.
+        nonlocal inflight
+        _wait(inflight, endpoints.names, f"receiving a bucket of version {version}", timeout_s, step)
+        inflight = [a.receive_bucket.remote(version, bucket) for a in actors]
+
+    packer = BucketPacker(deliver, int(bucket_mb * 2**20), "shm" if transport == "auto" else transport,
+                          tag=f"{endpoints.namespace}_v{version}_r{me}")
+    # Keep draining the collective even after a local failure, or the other ranks would wait forever.
+    for name, tensor in iter_hf_tensors(model, model_cfg):
+        if error is None:
+            try:
+                packer.add(name, tensor)
+            except Exception as e:  # noqa: BLE001
+                error = f"rank {me}: {e}"
+    if error is None:
+        try:
+            packer.flush()
+            _wait(inflight, endpoints.names, f"receiving the last bucket of version {version}", timeout_s, step)
+        except Exception as e:  # noqa: BLE001
+            error = f"rank {me}: {e}"
+    stats.stream_s = time.perf_counter() - t0
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets))
+    errors = [r[0] for r in reports if r[0]]
+    stats.tensors, stats.bytes, stats.buckets = (sum(r[i] for r in reports) for i in (1, 2, 3))
+
+    outcome: list = [None]
+    if me == 0:
+        outcome[0] = _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest)
+    dist.broadcast_object_list(outcome, src=0)
+    packer.cleanup()
+    failure, summaries, probe_error = outcome[0]
+    stats.engines, stats.probe_error = summaries, probe_error
+    stats.seconds = time.perf_counter() - t0
+    if failure:
+        raise failure
+    log.info("weight sync v%d: %d tensors, %.1f MB in %d buckets, %.2fs (%s)", version, stats.tensors,
+             stats.bytes / 1e6, stats.buckets, stats.seconds, transport)
+    return stats
+
+
+def _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest):
+    """Rank 0: commit everywhere (or abort everywhere), then probe. Returns (exception or None, summaries,
+    probe error)."""
+    if errors:
+        for a in actors:
+            a.abort_update.remote(version)
+        return WeightSyncError(f"step {step}: sync of version {version} failed, engines keep their previous "
+                               f"version: " + "; ".join(errors)), {}, None
+    t = time.perf_counter()
+    try:
+        refs = [a.commit_update.remote(version, stats.tensors, digest) for a in actors]
+        done = _wait(refs, endpoints.names, f"commit of version {version}", timeout_s, step)
+    except WeightSyncError as e:
+        return e, {}, None
+    stats.commit_s = time.perf_counter() - t
+    summaries = dict(zip(endpoints.names, done))
+    if probe is None:
+        return None, summaries, None
+    try:
+        refs = [a.score.remote(probe.sequences) for a in actors]
+        scored = _wait(refs, endpoints.names, "probe scoring", timeout_s, step)
+        worst = max(check_probe(lp, probe, name, version, step) for name, lp in zip(endpoints.names, scored))
+    except Exception as e:  # noqa: BLE001 - LogprobMismatch or an engine failure, raised on every rank
+        return e, summaries, None
+    return None, summaries, worst

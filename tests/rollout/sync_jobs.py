@@ -1,0 +1,131 @@
+"""Rank functions for the rollout tests (module level, so spawned ranks import them by name)."""
+from __future__ import annotations
+
+import torch
+
+# Hidden-state dtype of the trainer; vLLM runs the same dtype so float32 tolerances apply.
+DTYPE = "float32"
+
+
+def build_from_hf(hf_dir: str, layout: dict, extra: list[str] = ()):
+    """The Megatron model at `layout`, loaded from the HF checkpoint the engines also start from."""
+    from prism_mcore.checkpoint.hf_io import LazyCheckpoint
+    from prism_mcore.config import load_config
+    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
+    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.parallel.layout import init_model_parallel
+    from prism_mcore.parallel.shards import load_full
+
+    overrides = [f"model.hf_path={hf_dir}"] + [f"parallel.{k}={v}" for k, v in layout.items()] + list(extra)
+    cfg = load_config(None, overrides)
+    init_model_parallel(cfg)
+    model = build_qwen3(cfg.model, cfg.parallel)
+    load_full(model, megatron_reader(cfg.model, LazyCheckpoint(hf_dir).get))
+    return cfg, model
+
+
+def hf_tensors_at_layout(hf_dir: str, layout: dict) -> dict[str, torch.Tensor]:
+    """What iter_hf_tensors yields on this rank (cloned), for comparison with the checkpoint."""
+    from prism_mcore.rollout.weight_sync import iter_hf_tensors
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    return {name: t.clone() for name, t in iter_hf_tensors(model, cfg.model)}
+
+
+def one_step(model, cfg, lr: float = 3e-2, seed: int = 0):
+    """One AdamW step on random real-vocabulary tokens, so the synced weights differ from the checkpoint."""
+    from mcore_jobs import lm_forward_step
+    from prism_mcore.trainer.megatron_step import build_optimizer, train_step, wrap_ddp
+
+    ddp = wrap_ddp(model)
+    opt = build_optimizer([ddp], cfg.optim.model_copy(update={"lr": lr, "weight_decay": 0.0}))
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
+    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+    res = train_step([ddp], opt, lm_forward_step, [batch], 1, 16, 2)
+    assert not res.skipped
+    return ddp
+
+
+def full_logits(model, cfg, ids: list[int]) -> torch.Tensor:
+    """[len, vocab] logits of one sequence at TP/EP layouts with PP=1, identical on every rank."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tokens = torch.tensor([ids])
+    positions = torch.arange(len(ids)).unsqueeze(0)
+    with torch.no_grad():
+        out = model(tokens, positions, None)  # [b, s, vocab/tp]
+        return gather_from_tensor_model_parallel_region(out)[0, :, : cfg.model.vocab_size].float()
+
+
+def greedy(model, cfg, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding without a KV cache: one full forward per new token."""
+    seq = list(prompt)
+    for _ in range(new_tokens):
+        seq.append(int(full_logits(model, cfg, seq)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def sequence_logprobs(model, cfg, seqs: list[list[int]]) -> list[list[float]]:
+    out = []
+    for s in seqs:
+        lp = torch.log_softmax(full_logits(model, cfg, s), dim=-1)
+        out.append(lp[:-1].gather(-1, torch.tensor(s[1:])[:, None])[:, 0].tolist())
+    return out
+
+
+def train_sync_decode(hf_dir: str, layout: dict, endpoints, prompts: list[list[int]], probe_seqs: list[list[int]],
+                      version: int, new_tokens: int = 8, bucket_mb: float = 0.5):
+    """One optimizer step, sync to the engines with the log-prob probe, then the trainer's own greedy
+    decode and log-probs (for the test process to compare with the engines)."""
+    import torch.distributed as dist
+
+    from prism_mcore.rollout.probe import Probe
+    from prism_mcore.rollout.weight_sync import sync_weights
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    ddp = one_step(model, cfg)
+    model.eval()
+    probe = Probe(probe_seqs, sequence_logprobs(model, cfg, probe_seqs), DTYPE)
+    stats = sync_weights(ddp.module, cfg.model, endpoints, version, bucket_mb=bucket_mb, timeout_s=300, step=1,
+                         probe=probe)
+    outputs = [greedy(model, cfg, p, new_tokens) for p in prompts]
+    if dist.get_rank() != 0:
+        return None
+    return {"greedy": outputs, "trainer_logprobs": probe.trainer_logprobs, "stats": stats}
+
+
+def sync_checkpoint(hf_dir: str, layout: dict, endpoints, version: int, bucket_mb: float = 0.05):
+    """Sync the checkpoint's weights (no training) from `layout`; returns rank 0's SyncStats with digests."""
+    import torch.distributed as dist
+
+    from prism_mcore.rollout.weight_sync import sync_weights
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    stats = sync_weights(model, cfg.model, endpoints, version, bucket_mb=bucket_mb, timeout_s=300, digest=True)
+    return stats if dist.get_rank() == 0 else None
+
+
+def sync_failing_midway(hf_dir: str, layout: dict, endpoints, version: int, fail_after: int = 6):
+    """Rank 1 fails after delivering some buckets (tiny buckets: several were staged on the engines);
+    returns the error every rank saw."""
+    import torch.distributed as dist
+
+    from prism_mcore.rollout import transport
+    from prism_mcore.rollout.weight_sync import WeightSyncError, sync_weights
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    if dist.get_rank() == 1:
+        original = transport.BucketPacker.add
+
+        def add(self, name, tensor):
+            if self.tensors >= fail_after:
+                raise OSError("simulated sender failure (e.g. /dev/shm full)")
+            return original(self, name, tensor)
+
+        transport.BucketPacker.add = add
+    try:
+        sync_weights(model, cfg.model, endpoints, version, bucket_mb=0.01, timeout_s=120)
+    except WeightSyncError as e:
+        return str(e)
+    return "no error"
