@@ -188,7 +188,8 @@ def pack_by_token_budget(samples: Sequence[SFTSample], budget: int, padded: bool
     The cost of a micro-batch is the sum of its lengths (packed / dynamic batching), or with
     `padded=True` its padded size, count x longest (for `collate_padded`). A sample longer than the
     budget is truncated to it and counted in `stats["truncated"]`. The result is ordered by length,
-    so shuffle the micro-batches before training on them."""
+    so shuffle the micro-batches before training on them. Cost is O(samples x micro-batches): pack
+    one global batch at a time, not a whole corpus."""
     if budget < 1:
         raise ValueError(f"token budget must be >= 1, got {budget}")
     fitted = []
