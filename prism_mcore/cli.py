@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from prism_mcore.config import ConfigError, load_config
+from prism_mcore.data.errors import DataError as _DataError
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -34,6 +35,14 @@ DELEGATED = {
 }
 
 
+def _train(args: argparse.Namespace) -> int:
+    from prism_mcore.trainer.train import train
+
+    result = train(load_config(args.config, args.overrides))
+    print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM post-training on Megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("train", help="run one training stage (trainer.stage) from a config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="the embedded CPU demo (what `make demo` runs)")
     p.add_argument("--config", default=None, help="defaults to configs/demo/demo.yaml")
@@ -61,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except (ConfigError, _DataError) as e:  # user errors: one line, exit 2
+        print(str(e).splitlines()[0], file=sys.stderr)
         return e.exit_code
 
 

@@ -98,9 +98,7 @@ def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int, k
 
 def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
     from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint
-    from prism_mcore.models.qwen3.hf_adapter import is_layered
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.parallel.shards import local_shards
 
     ckpt = latest_checkpoint(ckpt_root)
     meta = json.loads((ckpt / "prism_meta.json").read_text())
@@ -109,6 +107,19 @@ def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
     init_model_parallel(cfg)
     net = _build(kind, cfg)
     load_checkpoint(ckpt, [net])
+    side = latest_checkpoint(ckpt_root).parent / HF_SIDE_DIR
+    write_hf(net, cfg.model, kind, out_dir, sorted(side.iterdir()) if side.exists() else [], max_shard_bytes)
+    dist.barrier()
+    return 0
+
+
+def write_hf(net, model: ModelConfig, kind: str, out_dir: str | Path, side_files: list[Path],
+             max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Collective: stream a (sharded) Megatron model into an HF directory written by rank 0, gathering
+    one tensor (or one layer of it) at a time."""
+    from prism_mcore.models.qwen3.hf_adapter import is_layered
+    from prism_mcore.parallel.shards import local_shards
+
     mine = [s for s in local_shards(net) if s.primary]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted({(s.key, s.global_shape) for s in mine}))
@@ -122,15 +133,13 @@ def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
             dist.gather_object(pieces, gathered, dst=0)
             if writer:
                 value = _assemble_one(key, shape, layer, [p for rank in gathered for p in rank])
-                for name, tensor in _hf_tensors(kind, cfg.model, key, layer, value):
+                for name, tensor in _hf_tensors(kind, model, key, layer, value):
                     writer.add(name, tensor)
     if writer:
-        side = latest_checkpoint(ckpt_root).parent / HF_SIDE_DIR
-        out = writer.close(sorted(side.iterdir()) if side.exists() else [])
+        out = writer.close(side_files)
         if kind == DISCRIMINATOR:
             _as_sequence_classifier(out / "config.json")
     dist.barrier()
-    return 0
 
 
 def _hf_tensors(kind: str, model: ModelConfig, key: str, layer, value):

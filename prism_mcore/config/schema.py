@@ -119,6 +119,7 @@ class TrainerConfig(_Section):
     output_dir: str = "outputs/run"
     save_interval: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
     log_interval: int = Field(1, ge=1)
+    export_hf: bool = Field(True, description="write the trained model as an HF checkpoint to OUTPUT_DIR/hf")
 
 
 class PrismConfig(_Section):

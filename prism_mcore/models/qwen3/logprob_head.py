@@ -15,7 +15,8 @@ from prism_mcore.ops import token_logprobs
 
 def _hidden_forward(self, input_, weight=None, runtime_gather_output=None):
     # GPTModel passes the tied embedding as `weight`; remember which matrix the logits would use.
-    self.lm_weight = weight if weight is not None else self.weight
+    # object.__setattr__: a plain reference, not a newly registered parameter of the module.
+    object.__setattr__(self, "lm_weight", weight if weight is not None else self.weight)
     if self.sequence_parallel:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 

@@ -1,0 +1,148 @@
+"""What every training stage shares: building the policy, resuming, checkpointing, metrics, HF export."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from prism_mcore.config import PrismConfig
+
+
+def is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def build_policy(cfg: PrismConfig):
+    """The local stage of the policy, initialized from `model.hf_path` when given (each rank reads only
+    its own slices), with the fused log-prob head."""
+    from prism_mcore.models.qwen3.logprob_head import use_fused_logprob_head
+    from prism_mcore.models.qwen3.model import build_qwen3
+
+    policy = build_qwen3(cfg.model, cfg.parallel)
+    if cfg.model.hf_path:
+        load_hf_weights(policy, cfg)
+    use_fused_logprob_head(policy)
+    return policy
+
+
+def load_hf_weights(net, cfg: PrismConfig, kind: str = "policy") -> None:
+    from prism_mcore.checkpoint.convert import _with_head, expected_hf_shapes
+    from prism_mcore.checkpoint.hf_io import LazyCheckpoint
+    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
+    from prism_mcore.parallel.shards import load_full
+
+    source = LazyCheckpoint(cfg.model.hf_path)
+    source.check_shapes(expected_hf_shapes(kind, cfg.model, source))
+    load_full(net, _with_head(kind, megatron_reader(cfg.model, source.get), source.get, source))
+
+
+class Checkpointer:
+    """`ROOT/checkpoints/step_*` every `interval` steps; resume from the newest complete one."""
+
+    def __init__(self, output_dir: str | Path, interval: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.interval = interval
+
+    def resume(self, models: list, optimizer) -> dict | None:
+        from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(self.root)
+        return None if path is None else load_checkpoint(path, models, optimizer)
+
+    def maybe_save(self, step: int, models: list, optimizer, meta: dict, force: bool = False) -> None:
+        from prism_mcore.checkpoint.dist_ckpt import save_checkpoint
+
+        if force or (self.interval and step % self.interval == 0):
+            save_checkpoint(self.root, step, models, optimizer, meta=meta)
+
+
+class Metrics:
+    """Rank 0 writes one JSON line per step (metrics.jsonl) and TensorBoard scalars (tb/)."""
+
+    def __init__(self, output_dir: str | Path, stage: str):
+        self.enabled = is_rank0()
+        self.stage = stage
+        if not self.enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"stage": self.stage, "step": step, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb:
+                self.tb.close()
+
+
+def _plain(v):
+    return v.item() if torch.is_tensor(v) else v
+
+
+def progress(total: int, description: str, start: int = 0):
+    """A rich progress bar on rank 0 (None elsewhere)."""
+    if not is_rank0():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+    bar.start()
+    bar.add_task(description, total=total, completed=start)
+    return bar
+
+
+def export_hf(net, cfg: PrismConfig, out_dir: str | Path, kind: str = "policy") -> None:
+    """Collective: write the trained model as an HF checkpoint (tokenizer and generation config included)."""
+    from prism_mcore.checkpoint.convert import write_hf
+    from prism_mcore.checkpoint.hf_io import side_files
+
+    sides = side_files(cfg.model.hf_path) if cfg.model.hf_path else []
+    write_hf(net, cfg.model, kind, out_dir, sides)
+    if is_rank0() and not cfg.model.hf_path:
+        _write_config(cfg, Path(out_dir), kind)
+
+
+def _write_config(cfg: PrismConfig, out: Path, kind: str) -> None:
+    """A model trained from scratch has no source config.json: describe it, plus the real tokenizer."""
+    from prism_mcore.data.tokenizer import qwen3_tokenizer
+
+    m = cfg.model
+    body = {"architectures": ["Qwen3MoeForCausalLM" if m.is_moe else "Qwen3ForCausalLM"],
+            "model_type": "qwen3_moe" if m.is_moe else "qwen3", "vocab_size": m.vocab_size,
+            "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+            "num_hidden_layers": m.num_hidden_layers, "num_attention_heads": m.num_attention_heads,
+            "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim, "rms_norm_eps": m.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "tie_word_embeddings": m.tie_word_embeddings, "max_position_embeddings": m.max_position_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "dtype": m.dtype,
+            "eos_token_id": 151645, "pad_token_id": 151643, "bos_token_id": None}
+    if m.is_moe:
+        body.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                    moe_intermediate_size=m.moe_intermediate_size or m.intermediate_size,
+                    norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=m.router_aux_loss_coef,
+                    decoder_sparse_step=1, mlp_only_layers=[])
+    (out / "config.json").write_text(json.dumps(body, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643],
+                                                            "pad_token_id": 151643}, indent=2) + "\n")
+    qwen3_tokenizer().save_pretrained(str(out))

@@ -1,0 +1,60 @@
+"""`prism train CONFIG [key=value ...]`: run one stage on this machine's ranks, or join a launcher's.
+
+Under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID set) every process runs its rank directly;
+otherwise `parallel.world_size` ranks are spawned locally.
+"""
+from __future__ import annotations
+
+import os
+
+from prism_mcore.config import PrismConfig
+
+
+def _stages():
+    from prism_mcore.trainer.sft import run_sft
+
+    return {"sft": run_sft}
+
+
+def stage_main(cfg_tree: dict) -> dict:
+    cfg = PrismConfig.model_validate(cfg_tree)
+    stages = _stages()
+    if cfg.trainer.stage not in stages:
+        from prism_mcore.config import ConfigError
+
+        raise ConfigError(f"config error: trainer.stage={cfg.trainer.stage!r} is not runnable by `prism train` yet "
+                          f"(available: {', '.join(sorted(stages))})")
+    return stages[cfg.trainer.stage](cfg)
+
+
+def preflight(cfg: PrismConfig) -> None:
+    """Input problems fail here, in one line, before any rank starts."""
+    from pathlib import Path
+
+    from prism_mcore.data.errors import DataError
+
+    for path in cfg.data.train_files + cfg.data.val_files:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such file (data.train_files / data.val_files)")
+    if cfg.trainer.stage == "sft":
+        from prism_mcore.data.sft_dataset import load_chat_jsonl
+
+        for path in cfg.data.train_files:
+            load_chat_jsonl(path)
+
+
+def train(cfg: PrismConfig) -> dict:
+    preflight(cfg)
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        from prism_mcore.platform.distributed import destroy_distributed, init_distributed
+
+        init_distributed()
+        try:
+            return stage_main(cfg.model_dump())
+        finally:
+            destroy_distributed()
+    from prism_mcore.platform.multiproc import run_on_ranks
+
+    p = cfg.parallel
+    world = p.world_size or p.tp * p.pp * p.cp * (p.dp or 1)
+    return run_on_ranks(stage_main, world, cfg.model_dump(), timeout=float(os.environ.get("PRISM_TRAIN_TIMEOUT_S", 86400)))[0]
