@@ -11,9 +11,10 @@ from prism_mcore.config import PrismConfig
 
 
 def _stages():
+    from prism_mcore.trainer.disc_warmup import run_disc_warmup
     from prism_mcore.trainer.sft import run_sft
 
-    return {"sft": run_sft}
+    return {"sft": run_sft, "disc-warmup": run_disc_warmup}
 
 
 def stage_main(cfg_tree: dict) -> dict:
@@ -41,6 +42,11 @@ def preflight(cfg: PrismConfig) -> None:
 
         for path in cfg.data.train_files:
             load_chat_jsonl(path)
+    if cfg.trainer.stage == "disc-warmup":
+        from prism_mcore.data.warmup_pairs import load_warmup_pairs
+
+        for path in cfg.data.train_files:
+            load_warmup_pairs(path)
 
 
 def train(cfg: PrismConfig) -> dict:
