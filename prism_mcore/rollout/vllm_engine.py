@@ -151,6 +151,9 @@ class VLLMEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         self._check_ready(expect_version)
+        if params.stop and self.llm.llm_engine.tokenizer is None:
+            raise EngineError(f"engine {self.engine_id}: stop strings need the tokenizer (started with "
+                              f"skip_tokenizer_init); use stop_token_ids")
         vparams = VllmParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                              max_tokens=params.max_tokens, stop=list(params.stop) or None,
                              stop_token_ids=list(params.stop_token_ids) or None, seed=params.seed,

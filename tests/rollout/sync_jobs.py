@@ -24,12 +24,15 @@ def build_from_hf(hf_dir: str, layout: dict, extra: list[str] = ()):
     return cfg, model
 
 
-def hf_tensors_at_layout(hf_dir: str, layout: dict) -> dict[str, torch.Tensor]:
-    """What iter_hf_tensors yields on this rank (cloned), for comparison with the checkpoint."""
+def hf_tensors_at_layouts(cases: list[tuple[str, dict]]) -> list[dict[str, torch.Tensor]]:
+    """What iter_hf_tensors yields on this rank (cloned) for each (hf_dir, layout), one process for all."""
     from prism_mcore.rollout.weight_sync import iter_hf_tensors
 
-    cfg, model = build_from_hf(hf_dir, layout)
-    return {name: t.clone() for name, t in iter_hf_tensors(model, cfg.model)}
+    out = []
+    for hf_dir, layout in cases:
+        cfg, model = build_from_hf(hf_dir, layout)
+        out.append({name: t.clone() for name, t in iter_hf_tensors(model, cfg.model)})
+    return out
 
 
 def one_step(model, cfg, lr: float = 3e-2, seed: int = 0):
