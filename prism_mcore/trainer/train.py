@@ -12,9 +12,10 @@ from prism_mcore.config import PrismConfig
 
 def _stages():
     from prism_mcore.trainer.disc_warmup import run_disc_warmup
+    from prism_mcore.trainer.rl import run_rl
     from prism_mcore.trainer.sft import run_sft
 
-    return {"sft": run_sft, "disc-warmup": run_disc_warmup}
+    return {"sft": run_sft, "disc-warmup": run_disc_warmup, "rl": run_rl}
 
 
 def stage_main(cfg_tree: dict) -> dict:
@@ -42,6 +43,13 @@ def preflight(cfg: PrismConfig) -> None:
 
         for path in cfg.data.train_files:
             load_chat_jsonl(path)
+    if cfg.trainer.stage == "rl":
+        from prism_mcore.data.rl_dataset import RLDataset
+        from prism_mcore.data.tokenizer import qwen3_tokenizer
+
+        if not cfg.model.hf_path:
+            raise DataError("model.hf_path: the rl stage starts the rollout engines from an HF checkpoint")
+        RLDataset(cfg.data.train_files, qwen3_tokenizer(), cfg.data.max_prompt_length)
     if cfg.trainer.stage == "disc-warmup":
         from prism_mcore.data.warmup_pairs import load_warmup_pairs
 
