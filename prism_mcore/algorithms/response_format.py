@@ -10,6 +10,8 @@ degenerate rollout that loops the tags thousands of times would stall the reward
 """
 from __future__ import annotations
 
+import abc
+
 import re
 from dataclasses import dataclass
 
@@ -34,14 +36,15 @@ def _strip_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-class ResponseFormat:
+class ResponseFormat(abc.ABC):
     """Interface: `parse(text)`; `perception_close` names the tag that ends the perception segment."""
 
     name: str = ""
     perception_close: str | None = None
 
-    def parse(self, text: str) -> ParsedResponse:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def parse(self, text: str) -> ParsedResponse:
+        """The response's validity, answer and where its perception segment ends."""
 
     def is_valid(self, text: str) -> bool:
         return self.parse(text).valid
