@@ -73,6 +73,16 @@ def _forward_step(cfg: PrismConfig, loss_cfg, total_tokens: float, num_micro: in
     return forward_step
 
 
+# AlgorithmConfig field -> PolicyLossConfig field; fields set in the config override the algorithm's preset.
+_LOSS_FIELDS = {"clip_ratio_low": "clip_low", "clip_ratio_high": "clip_high", "clip_ratio_c": "clip_ratio_c",
+                "loss_agg_mode": "agg_mode"}
+
+
+def _explicit_loss_fields(cfg: PrismConfig) -> dict:
+    return {ours: getattr(cfg.algorithm, field) for field, ours in _LOSS_FIELDS.items()
+            if field in cfg.algorithm.model_fields_set}
+
+
 def _forever(data, batch_size: int, seed: int):
     """Batches across epochs; the dataset's own position makes this resumable."""
     while True:
@@ -104,8 +114,7 @@ def run_rl(cfg: PrismConfig) -> dict:
     start = resumed["step"] if resumed else 0
     if resumed and resumed.get("data"):
         data.load_state_dict(resumed["data"])
-    loss_cfg = PolicyLossConfig.preset(cfg.algorithm.name if cfg.algorithm.name != "prism" else "grpo",
-                                       agg_mode=cfg.algorithm.loss_agg_mode)
+    loss_cfg = PolicyLossConfig.preset(cfg.algorithm.name, **_explicit_loss_fields(cfg))
     pool = start_engines(cfg, cfg.model.hf_path) if is_rank0() else None
     holder = [pool.endpoints if pool else None]
     dist.broadcast_object_list(holder, src=0)
