@@ -106,7 +106,7 @@ class AlgorithmConfig(_Section):
     name: Literal["grpo", "dapo", "gspo", "prism"] = "grpo"
     clip_ratio_low: float = Field(0.2, ge=0)
     clip_ratio_high: float = Field(0.2, ge=0)
-    clip_ratio_c: float = Field(3.0, gt=1, description="dual-clip bound for negative advantages")
+    clip_ratio_c: float | None = Field(3.0, gt=1, description="dual-clip bound for negative advantages; null disables")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
