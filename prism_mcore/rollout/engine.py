@@ -99,6 +99,66 @@ class UpdateSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class StagedUpdate:
+    """The receiving half of a versioned update, shared by every engine: buckets are validated against
+    the model's HF schema as they arrive (name known, shape equal, no duplicates) and kept until a commit
+    that proves the update complete. Nothing here touches the live weights."""
+
+    def __init__(self, engine_id: int, schema: dict[str, tuple[tuple[int, ...], str]]):
+        self.engine_id, self.schema = engine_id, schema
+        self.version: int | None = None
+        self.buckets: list = []
+        self.names: set[str] = set()
+
+    def receive(self, version: int, live_version: int, bucket: Any) -> int:
+        if version <= live_version:
+            raise EngineError(f"engine {self.engine_id}: update to version {version} is not newer than the "
+                              f"live version {live_version}")
+        if self.version != version:
+            self.clear()
+            self.version = version
+        try:
+            for e in bucket.entries():
+                shape = self.schema.get(e.name, (None,))[0]
+                if shape is None:
+                    raise EngineError(f"engine {self.engine_id}: the model has no tensor named {e.name!r}")
+                if tuple(e.shape) != shape:
+                    raise EngineError(f"engine {self.engine_id}: {e.name} has shape {tuple(e.shape)}, the model "
+                                      f"expects {shape}")
+                if e.name in self.names:
+                    raise EngineError(f"engine {self.engine_id}: {e.name} sent twice in version {version}")
+                self.names.add(e.name)
+        except EngineError:
+            self.clear()
+            raise
+        self.buckets.append(bucket)
+        return len(self.names)
+
+    def take(self, version: int, expected_tensors: int, live_version: int) -> list:
+        """The staged buckets of a complete `version` (staging is emptied either way)."""
+        if self.version != version:
+            staged = "nothing" if self.version is None else f"version {self.version}"
+            raise EngineError(f"engine {self.engine_id}: commit of version {version}, but {staged} is staged")
+        missing = set(self.schema) - self.names
+        count = len(self.names)
+        buckets = self.buckets
+        self.buckets, self.version, self.names = [], None, set()
+        if count != expected_tensors or missing:
+            for b in buckets:
+                b.release()
+            raise EngineError(f"engine {self.engine_id}: version {version} incomplete: {count} of "
+                              f"{expected_tensors} tensors staged, {len(missing)} model tensors missing "
+                              f"(e.g. {sorted(missing)[:3]}); kept version {live_version}")
+        return buckets
+
+    def clear(self, version: int | None = None) -> None:
+        if version is not None and self.version != version:
+            return
+        for b in self.buckets:
+            b.release()
+        self.buckets, self.version, self.names = [], None, set()
+
+
 class RolloutEngine(abc.ABC):
     """One inference engine (its own tensor parallelism is its business)."""
 

@@ -32,13 +32,17 @@ class EngineTimeoutError(EngineError):
     """An engine did not answer within the configured timeout."""
 
 
+DEFAULT_ENGINE = "prism_mcore.rollout.vllm_engine:VLLMEngine"
+
+
 class EngineActor:
     """The Ray actor around one `VLLMEngine`. Health runs on its own thread so it answers mid-generation."""
 
-    def __init__(self, engine_id: int, engine_kwargs: dict[str, Any]):
-        from prism_mcore.rollout.vllm_engine import VLLMEngine
+    def __init__(self, engine_id: int, engine_kwargs: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
+        import importlib
 
-        self.engine = VLLMEngine(engine_id=engine_id, **engine_kwargs)
+        module, name = engine_cls.split(":")
+        self.engine = getattr(importlib.import_module(module), name)(engine_id=engine_id, **engine_kwargs)
 
     def generate(self, prompts, params, expect_version=None):
         return self.engine.generate(prompts, params, expect_version)
@@ -140,33 +144,38 @@ class PoolStats:
 class EnginePool:
     def __init__(self, model_path: str, rollout, engine_kwargs: dict[str, Any] | None = None,
                  placement: Placement | None = None, namespace: str = "prism", name_prefix: str = "prism-engine",
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, engine_cls: str = DEFAULT_ENGINE):
         self.model_path, self.rollout = model_path, rollout
         self.engine_kwargs = dict(engine_kwargs or {}, model_path=model_path,
                                   tensor_parallel_size=rollout.engine_tp)
         self.placement, self.namespace = placement, namespace
         self.names = [f"{name_prefix}-{i}" for i in range(rollout.num_engines)]
-        self.max_restarts = max_restarts
+        self.max_restarts, self.engine_cls = max_restarts, engine_cls
         self.actors: list = []
         self.version = 0  # newest weight version seen on any engine
         self.last_stats = PoolStats()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
-    def start(self) -> "EnginePool":
+    def start(self, timeout_s: float = 900.0) -> "EnginePool":
+        """Create the actors and wait until every engine is up (its own deadline: loading a large model
+        takes far longer than a generate call)."""
         cls = ray.remote(concurrency_groups={"control": 1})(EngineActor)
         for i, name in enumerate(self.names):
             opts = dict(name=name, namespace=self.namespace, max_restarts=self.max_restarts, max_task_retries=0)
             opts.update(self.placement.engine_options(i) if self.placement else {"num_cpus": 1})
-            self.actors.append(cls.options(**opts).remote(i, self.engine_kwargs))
+            self.actors.append(cls.options(**opts).remote(i, self.engine_kwargs, self.engine_cls))
         # vLLM start-up (~20 s on CPU) runs in every actor at once; health answers once __init__ is done.
-        self._get([a.health.remote() for a in self.actors], "start-up", None)
+        self._get([a.health.remote() for a in self.actors], "start-up", None, timeout_s)
         return self
 
     def shutdown(self) -> None:
+        from prism_mcore.rollout.transport import remove_stale_shm
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        remove_stale_shm(f"{self.namespace}_")  # the senders' staging slots of this pool's namespace
 
     @property
     def endpoints(self) -> EngineEndpoints:

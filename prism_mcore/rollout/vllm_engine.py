@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from prism_mcore.rollout.engine import (Completion, EngineError, EngineHealth, GenerationResult, Prompt,
-                                        RolloutEngine, SamplingParams, StaleWeightsError, TensorEntry, UpdateSummary)
+                                        RolloutEngine, SamplingParams, StagedUpdate, StaleWeightsError, UpdateSummary)
 
 # Set before vLLM is imported in this process. In-process engine core (no extra EngineCore process): one
 # process per engine to kill, restart and account for, and collective_rpc runs without serialization.
@@ -36,17 +36,22 @@ VLLM_ENV_DEFAULTS = {
 
 def checkpoint_schema(model_path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF name -> (shape, dtype) of every tensor in the checkpoint the engine was started from: the exact
-    set a full weight update must provide."""
+    set a full weight update must provide. Without weight files (vLLM's load_format="dummy") the schema
+    comes from config.json through our Qwen3 adapter."""
     from safetensors import safe_open
 
-    schema = {}
+    schema: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
         with safe_open(f, "pt") as fh:
             for k in fh.keys():
                 s = fh.get_slice(k)
                 schema[k] = (tuple(s.get_shape()), s.get_dtype())
     if not schema:
-        raise FileNotFoundError(f"{model_path}: no *.safetensors files")
+        from prism_mcore.config import ModelConfig
+        from prism_mcore.models.qwen3.hf_adapter import hf_shapes, model_fields_from_hf, read_hf_config
+
+        cfg = ModelConfig.model_validate(model_fields_from_hf(read_hf_config(model_path)))
+        schema = {k: (tuple(v), cfg.dtype) for k, v in hf_shapes(cfg).items()}
     return schema
 
 
@@ -121,10 +126,7 @@ class VLLMEngine(RolloutEngine):
         self._version = 0  # 0 = the checkpoint the engine started from
         self._sleeping = False
         self._broken = ""
-        self._staged_version: int | None = None
-        self._staged: list = []
-        self._staged_names: set[str] = set()
-        self._staged_count = 0
+        self._staging = StagedUpdate(engine_id, self.schema)
         self._busy = False
 
     # ---- generation -------------------------------------------------------------------------------
@@ -186,48 +188,12 @@ class VLLMEngine(RolloutEngine):
 
     # ---- staged weight update -----------------------------------------------------------------------
 
-    def _validate(self, entries: list[TensorEntry]) -> None:
-        for e in entries:
-            if e.name not in self.schema:
-                raise EngineError(f"engine {self.engine_id}: the model has no tensor named {e.name!r}")
-            shape = self.schema[e.name][0]
-            if tuple(e.shape) != shape:
-                raise EngineError(f"engine {self.engine_id}: {e.name} has shape {tuple(e.shape)}, the model "
-                                  f"expects {shape}")
-            if e.name in self._staged_names:
-                raise EngineError(f"engine {self.engine_id}: {e.name} sent twice in version {self._staged_version}")
-            self._staged_names.add(e.name)
-
     def receive_bucket(self, version: int, bucket: Any) -> int:
-        if version <= self._version:
-            raise EngineError(f"engine {self.engine_id}: update to version {version} is not newer than the "
-                              f"live version {self._version}")
-        if self._staged_version != version:
-            self.abort_update()
-            self._staged_version = version
-        entries = bucket.entries()
-        try:
-            self._validate(entries)
-        except EngineError:
-            self.abort_update()
-            raise
-        self._staged.append(bucket)
-        self._staged_count += len(entries)
-        return self._staged_count
+        return self._staging.receive(version, self._version, bucket)
 
     def commit_update(self, version: int, expected_tensors: int, digest: bool = False) -> UpdateSummary:
-        if self._staged_version != version:
-            raise EngineError(f"engine {self.engine_id}: commit of version {version}, but "
-                              f"{'nothing' if self._staged_version is None else f'version {self._staged_version}'}"
-                              f" is staged")
-        missing = set(self.schema) - self._staged_names
-        if self._staged_count != expected_tensors or missing:
-            count = self._staged_count
-            self.abort_update()
-            raise EngineError(f"engine {self.engine_id}: version {version} incomplete: {count} of "
-                              f"{expected_tensors} tensors staged, {len(missing)} model tensors missing "
-                              f"(e.g. {sorted(missing)[:3]}); kept version {self._version}")
-        buckets, nbytes = self._staged, sum(e.nbytes for b in self._staged for e in b.entries())
+        buckets = self._staging.take(version, expected_tensors, self._version)
+        nbytes = sum(e.nbytes for b in buckets for e in b.entries())
         digests = {n: tensor_digest(t) for b in buckets for n, t in b.open()} if digest else {}
         t0 = time.perf_counter()
         try:
@@ -236,19 +202,13 @@ class VLLMEngine(RolloutEngine):
             # Validation passed, so this is not a bad update; the model may now be half-loaded.
             self._broken = f"weight reload of version {version} failed midway: {e!r}"
             raise EngineError(f"engine {self.engine_id}: {self._broken}") from e
-        finally:
-            self._staged, self._staged_version, self._staged_names, self._staged_count = [], None, set(), 0
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._version = version
         return UpdateSummary(version, expected_tensors, nbytes, time.perf_counter() - t0,
                              {"digests": digests} if digest else {})
 
     def abort_update(self, version: int | None = None) -> None:
-        if version is not None and self._staged_version != version:
-            return
-        for b in self._staged:
-            b.release()
-        self._staged, self._staged_version, self._staged_names, self._staged_count = [], None, set(), 0
+        self._staging.clear(version)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -270,7 +230,7 @@ class VLLMEngine(RolloutEngine):
 
     def health(self) -> EngineHealth:
         return EngineHealth(self.engine_id, not self._broken, self._version, self._sleeping, os.getpid(),
-                            self._staged_version, self._busy, self._broken)
+                            self._staging.version, self._busy, self._broken)
 
     @property
     def weight_version(self) -> int:

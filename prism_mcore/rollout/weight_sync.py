@@ -17,6 +17,7 @@ Called collectively by every trainer rank after an optimizer step:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from prism_mcore.rollout.probe import Probe, check_probe
-from prism_mcore.rollout.transport import BucketPacker
+from prism_mcore.rollout.transport import BucketPacker, arena
 
 log = logging.getLogger("prism.rollout")
 
@@ -64,8 +65,12 @@ class SyncStats:
     tensors: int = 0
     bytes: int = 0
     buckets: int = 0
+    ref_bytes: int = 0  # of `bytes`, sent as references into shared trainer memory (share_weights_memory)
     seconds: float = 0.0
-    stream_s: float = 0.0  # gather + convert + pack + deliver (this rank)
+    stream_s: float = 0.0  # gather + convert + pack + deliver (rank 0)
+    convert_s: float = 0.0  # of which gathering pieces and converting to HF tensors (rank 0)
+    pack_s: float = 0.0  # of which copying into buckets (rank 0)
+    send_s: float = 0.0  # of which handing buckets to the engines and waiting for them (rank 0)
     commit_s: float = 0.0
     probe_error: float | None = None
     engines: dict[str, Any] = field(default_factory=dict)  # engine name -> UpdateSummary (rank 0)
@@ -142,10 +147,34 @@ def _local_piece(shard, layer: int | None) -> torch.Tensor:
     return full[layer - region[0].start: layer - region[0].start + 1]
 
 
-def _covers_whole(unit: _Unit) -> bool:
+def _in_place(unit: _Unit, me: int, mine: list) -> torch.Tensor | None:
+    """The unit as a view of this rank's memory when its local pieces are exactly the regions of one
+    contiguous tensor (a whole shard, or e.g. the gate and up halves of Megatron's fused fc1 at TP1), so
+    no assembly copy is needed. None otherwise."""
+    if any(p.rank != me for p in unit.pieces):
+        return None
     target = unit.shape[1:] if unit.layer is not None else unit.shape
-    region = unit.pieces[0].region[1:] if unit.layer is not None else unit.pieces[0].region
-    return len(unit.pieces) == 1 and all(r.start == 0 and r.stop == s for r, s in zip(region, target))
+    datas = [_local_piece(mine[p.index], unit.layer) for p in unit.pieces]
+    datas = [d[0] for d in datas] if unit.layer is not None else datas
+    regions = [p.region[1:] if unit.layer is not None else p.region for p in unit.pieces]
+    first = min(range(len(datas)), key=lambda i: tuple(r.start for r in regions[i]))
+    if any(r.start for r in regions[first]):
+        return None
+    base = datas[first]
+    if base.untyped_storage().data_ptr() != datas[first].untyped_storage().data_ptr():
+        return None
+    strides = torch.empty(target, device="meta").stride()
+    whole = torch.as_strided(base, target, strides, base.storage_offset())
+    if whole.storage_offset() + whole.numel() > base.untyped_storage().nbytes() // base.element_size():
+        return None
+    covered = 0
+    for data, region in zip(datas, regions):
+        view = whole[region]
+        if (data.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() or data.shape != view.shape
+                or data.stride() != view.stride() or data.storage_offset() != view.storage_offset()):
+            return None
+        covered += view.numel()
+    return whole if covered == whole.numel() else None
 
 
 def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
@@ -162,10 +191,8 @@ def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, to
                 if piece.rank == me:
                     dist.send(_local_piece(mine[piece.index], unit.layer).contiguous(), dst=unit.sender)
             continue
-        if _covers_whole(unit):
-            value = _local_piece(mine[unit.pieces[0].index], unit.layer)
-            value = value[0] if unit.layer is not None else value
-        else:
+        value = _in_place(unit, me, mine)
+        if value is None:
             pieces = []
             for piece in unit.pieces:
                 if piece.rank == me:
@@ -179,6 +206,17 @@ def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, to
 
 
 # ---- sync -------------------------------------------------------------------------------------------
+
+def share_weights_memory(model: torch.nn.Module) -> int:
+    """Opt-in zero-copy sending (same node, shm transport): move this rank's parameters to named shared
+    memory in place, once, after the model and optimizer are built (DDP buffers included). From then on
+    every HF tensor that is a view of a parameter (whole on this rank: TP=1 layers, a PP stage's layers,
+    an EP rank's experts) is sent as a reference and read by the engines straight from trainer memory;
+    assembled tensors (TP pieces, the QKV split) still go through the staging buckets. Returns bytes moved."""
+    from prism_mcore.rollout.transport import share_in_place
+
+    return share_in_place(p for p in model.parameters())
+
 
 def _wait(refs: list, names: list[str], what: str, timeout_s: float, step: int | None) -> list:
     import ray
@@ -196,12 +234,34 @@ def _wait(refs: list, names: list[str], what: str, timeout_s: float, step: int |
     return out
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Sync work is copies, which one thread already runs at memory speed; multi-threaded copies of a few
+    MB mostly wait in OpenMP barriers for a second core that other processes (engines) are using."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, version: int,
                  bucket_mb: float = 512, transport: str = "auto", timeout_s: float = 600.0,
-                 step: int | None = None, probe: Probe | None = None, digest: bool = False) -> SyncStats:
+                 step: int | None = None, probe: Probe | None = None, digest: bool = False,
+                 keep_staging: bool = True) -> SyncStats:
     """Push the model's current weights to every engine as `version` (collective over all trainer ranks).
 
-    Raises WeightSyncError (or LogprobMismatch from the probe) on every rank if anything failed."""
+    `model` is the bare Megatron model (e.g. `ddp.module`). With the shm transport each sender packs into
+    staging slots in /dev/shm that are reused by the next sync (`keep_staging=False` frees them after
+    this one). Raises WeightSyncError (or LogprobMismatch from the probe) on every rank if anything failed."""
+    with _one_thread():
+        return _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s, step, probe, digest,
+                     keep_staging)
+
+
+def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s, step, probe, digest,
+          keep_staging) -> SyncStats:
     t0 = time.perf_counter()
     me = dist.get_rank()
     stats = SyncStats(version)
@@ -211,18 +271,20 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
         transport = endpoints.transport_for_here() if transport == "auto" else transport
     except Exception as e:  # noqa: BLE001 - reported collectively below
         error = f"rank {me}: cannot reach the engines: {e!r}"
-    inflight: list = []
+    inflight: list[list] = []
 
     def deliver(bucket) -> None:
-        # One bucket in flight per sender: waiting for the previous acknowledgement bounds shm use and
-        # stops a sync early when an engine rejects a bucket or dies.
-        nonlocal inflight
-        _wait(inflight, endpoints.names, f"receiving a bucket of version {version}", timeout_s, step)
-        inflight = [a.receive_bucket.remote(version, bucket) for a in actors]
+        # At most two buckets in flight per sender: engines take one while the next is packed, and a
+        # rejected bucket or a dead engine stops the sync within a bucket or two.
+        while len(inflight) >= 2:
+            _wait(inflight.pop(0), endpoints.names, f"receiving a bucket of version {version}", timeout_s, step)
+        inflight.append([a.receive_bucket.remote(version, bucket) for a in actors])
 
+    # Stable per (namespace, rank): the next sync of this trainer reuses the same, already-mapped slots.
     packer = BucketPacker(deliver, int(bucket_mb * 2**20), "shm" if transport == "auto" else transport,
-                          tag=f"{endpoints.namespace}_v{version}_r{me}")
+                          tag=f"{endpoints.namespace}_r{me}")
     # Keep draining the collective even after a local failure, or the other ranks would wait forever.
+    t_loop = time.perf_counter()
     for name, tensor in iter_hf_tensors(model, model_cfg):
         if error is None:
             try:
@@ -232,20 +294,25 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
     if error is None:
         try:
             packer.flush()
-            _wait(inflight, endpoints.names, f"receiving the last bucket of version {version}", timeout_s, step)
+            while inflight:
+                _wait(inflight.pop(0), endpoints.names, f"receiving the last buckets of version {version}",
+                      timeout_s, step)
         except Exception as e:  # noqa: BLE001
             error = f"rank {me}: {e}"
-    stats.stream_s = time.perf_counter() - t0
+    stats.stream_s, stats.pack_s, stats.send_s = time.perf_counter() - t0, packer.pack_s, packer.send_s
+    stats.convert_s = time.perf_counter() - t_loop - packer.pack_s - packer.send_s
     reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets))
+    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets, packer.ref_bytes))
     errors = [r[0] for r in reports if r[0]]
-    stats.tensors, stats.bytes, stats.buckets = (sum(r[i] for r in reports) for i in (1, 2, 3))
+    stats.tensors, stats.bytes, stats.buckets, stats.ref_bytes = (sum(r[i] for r in reports) for i in (1, 2, 3, 4))
 
     outcome: list = [None]
     if me == 0:
         outcome[0] = _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest)
     dist.broadcast_object_list(outcome, src=0)
     packer.cleanup()
+    if not keep_staging:
+        arena(packer.tag).release()
     failure, summaries, probe_error = outcome[0]
     stats.engines, stats.probe_error = summaries, probe_error
     stats.seconds = time.perf_counter() - t0

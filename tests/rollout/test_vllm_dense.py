@@ -17,7 +17,7 @@ from prism_mcore.rollout.probe import relative_error
 from prism_mcore.rollout.transport import LocalBucket
 from prism_mcore.rollout.vllm_engine import tensor_digest
 from rollout_models import prompts, write_tiny_hf
-from sync_jobs import sync_checkpoint, sync_failing_midway, train_sync_decode
+from sync_jobs import sync_checkpoint, sync_failing_midway, sync_zero_copy, train_sync_decode
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -77,6 +77,34 @@ def test_pp2_and_tp2_syncs_give_identical_engine_weights(setup, ranks):
     ref = load_file(f"{other}/model.safetensors")
     assert torch.equal(params["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
     assert torch.equal(params["model.norm.weight"], ref["model.norm.weight"])
+
+
+@pytest.mark.timeout(300)
+def test_zero_copy_sync_from_shared_trainer_memory(setup, ranks):
+    """PP2: every tensor but the QKV split is whole on its stage, so it travels as a reference."""
+    root, pool = setup
+    other = str(root / "hf_other")
+    runs = ranks(sync_zero_copy, 2, other, {"pp": 2}, pool.endpoints, [20, 21], timeout=240)[0]
+    expected = {k: tensor_digest(v) for k, v in load_file(f"{other}/model.safetensors").items()}
+    for stats in runs:
+        assert stats.ref_bytes > 0.9 * stats.bytes
+        for name in pool.names:
+            assert stats.engines[name].extra["digests"] == expected
+    assert [h.weight_version for h in pool.health()] == [21, 21]
+
+
+@pytest.mark.timeout(120)
+def test_sleep_refuses_generation_until_wake(setup):
+    from prism_mcore.rollout.engine import EngineError
+
+    root, pool = setup
+    ps = [Prompt(p) for p in prompts(2)]
+    with pool.asleep():
+        assert all(h.sleeping for h in pool.health())
+        with pytest.raises(EngineError, match="no engine holds"):
+            pool.generate(ps, GREEDY, step=3)
+    assert not any(h.sleeping for h in pool.health())
+    assert len(pool.generate(ps, GREEDY, step=3)) == 2
 
 
 def ray_get(ref):
