@@ -1,4 +1,4 @@
-"""`prism bench logprob | grouped-gemm | router | ceiling [--json FILE] ...`: kernel benchmarks.
+"""`prism bench logprob | grouped-gemm | router | ceiling | weight-sync [--json FILE] ...`: benchmarks.
 
 Every implementation of an op is measured in the same run as the op's torch reference, and each row reports
 median time, TFLOP/s or GB/s, peak extra memory and the time and memory ratios to that reference.
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "weight-sync":  # a model and engines, not a kernel case: its own arguments
+        from prism_mcore.bench import weight_sync
+
+        return weight_sync.main(argv[1:])
     import torch
 
     from prism_mcore.bench.common import print_table, run_case, run_group_interleaved, to_rows
