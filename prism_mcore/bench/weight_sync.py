@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from prism_mcore.rollout.engine import EngineError, RolloutEngine, StagedUpdate, UpdateSummary
+from prism_mcore.rollout.transport import prune_remote
 
 HELP = "Megatron -> engine weight sync GB/s and its ratio to memcpy GB/s"
 
@@ -44,6 +45,8 @@ class HFTensorReceiver(RolloutEngine):
         from prism_mcore.rollout.vllm_engine import checkpoint_schema
 
         self.engine_id = engine_id
+        if os.environ.get("PRISM_RECEIVER_THREADS"):
+            torch.set_num_threads(int(os.environ["PRISM_RECEIVER_THREADS"]))
         schema = checkpoint_schema(model_path)
 
         def alloc():  # touched now (fill), so timed copies never pay first-touch page faults
@@ -67,6 +70,7 @@ class HFTensorReceiver(RolloutEngine):
         buckets = self._staging.take(version, expected_tensors, self._version)
         nbytes = sum(e.nbytes for b in buckets for e in b.entries())
         self.params, self.shadow = self.shadow, self.params
+        prune_remote(buckets)
         self._version = version
         copy_s, self.copy_s = self.copy_s, 0.0
         return UpdateSummary(version, expected_tensors, nbytes, 0.0, {"receive_copy_s": copy_s})

@@ -26,6 +26,7 @@ import torch
 
 from prism_mcore.rollout.engine import TensorEntry
 
+REF_GROUP_BYTES = 32 * 2**20  # references per message; finer than buckets, since they hold no memory
 ALIGN = 64  # every tensor starts on a cache line, so dtype views of the buffer are always aligned
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "prism_ws_"
@@ -215,6 +216,14 @@ def _remote_storage(handle: tuple[bytes, bytes, int]) -> torch.UntypedStorage:
     return _REMOTE[name]
 
 
+def prune_remote(buckets: list) -> None:
+    """Receiver side, after a commit: unmap trainer storages this update did not use (e.g. those of a
+    trainer process that has since restarted), so their memory can be freed."""
+    keep = {r.handle[1] for b in buckets if isinstance(b, RefBucket) for r in b.refs}
+    for name in [n for n in _REMOTE if n not in keep]:
+        del _REMOTE[name]
+
+
 @dataclass
 class RefBucket:
     refs: list[SharedRef]
@@ -302,6 +311,7 @@ class BucketPacker:
         self.pending: list[tuple[str, torch.Tensor]] = []
         self.pending_refs: list[SharedRef] = []
         self.pending_bytes = 0
+        self.pending_ref_bytes = 0
         self.tensors = 0
         self.bytes = 0
         self.buckets = 0
@@ -312,27 +322,37 @@ class BucketPacker:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if (self.pending or self.pending_refs) and self.pending_bytes + nbytes > self.bucket_bytes:
-            self.flush()
         ref = shared_ref(name, tensor) if self.transport == "shm" else None
         if ref is not None:
+            # References cost no staging memory: send them in small groups so engines start reading early.
+            if self.pending_refs and self.pending_ref_bytes + nbytes > min(self.bucket_bytes, REF_GROUP_BYTES):
+                self._flush_refs()
             self.pending_refs.append(ref)
+            self.pending_ref_bytes += nbytes
             self.ref_bytes += nbytes
         else:
+            if self.pending and self.pending_bytes + nbytes > self.bucket_bytes:
+                self._flush_copies()
             self.pending.append((name, tensor.detach()))
-        self.pending_bytes += nbytes
+            self.pending_bytes += nbytes
         self.tensors += 1
         self.bytes += nbytes
 
     def flush(self) -> None:
-        if self.pending_refs:
-            refs, self.pending_refs = self.pending_refs, []
-            self.buckets += 1
-            t0 = time.perf_counter()
-            self.send(RefBucket(refs))
-            self.send_s += time.perf_counter() - t0
+        self._flush_refs()
+        self._flush_copies()
+
+    def _flush_refs(self) -> None:
+        if not self.pending_refs:
+            return
+        refs, self.pending_refs, self.pending_ref_bytes = self.pending_refs, [], 0
+        self.buckets += 1
+        t0 = time.perf_counter()
+        self.send(RefBucket(refs))
+        self.send_s += time.perf_counter() - t0
+
+    def _flush_copies(self) -> None:
         if not self.pending:
-            self.pending_bytes = 0
             return
         pairs, self.pending, self.pending_bytes = self.pending, [], 0
         t0 = time.perf_counter()

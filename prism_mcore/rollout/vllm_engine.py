@@ -19,6 +19,7 @@ import torch
 
 from prism_mcore.rollout.engine import (Completion, EngineError, EngineHealth, GenerationResult, Prompt,
                                         RolloutEngine, SamplingParams, StagedUpdate, StaleWeightsError, UpdateSummary)
+from prism_mcore.rollout.transport import prune_remote
 
 # Set before vLLM is imported in this process. In-process engine core (no extra EngineCore process): one
 # process per engine to kill, restart and account for, and collective_rpc runs without serialization.
@@ -203,6 +204,7 @@ class VLLMEngine(RolloutEngine):
             self._broken = f"weight reload of version {version} failed midway: {e!r}"
             raise EngineError(f"engine {self.engine_id}: {self._broken}") from e
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        prune_remote(buckets)
         self._version = version
         return UpdateSummary(version, expected_tensors, nbytes, time.perf_counter() - t0,
                              {"digests": digests} if digest else {})

@@ -157,6 +157,9 @@ def _in_place(unit: _Unit, me: int, mine: list) -> torch.Tensor | None:
     datas = [_local_piece(mine[p.index], unit.layer) for p in unit.pieces]
     datas = [d[0] for d in datas] if unit.layer is not None else datas
     regions = [p.region[1:] if unit.layer is not None else p.region for p in unit.pieces]
+    if len(datas) == 1:  # the common case: one whole shard
+        whole = all(r.start == 0 and r.stop == n for r, n in zip(regions[0], target))
+        return datas[0].reshape(target) if whole else None
     first = min(range(len(datas)), key=lambda i: tuple(r.start for r in regions[i]))
     if any(r.start for r in regions[first]):
         return None
@@ -327,8 +330,10 @@ def _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, d
     """Rank 0: commit everywhere (or abort everywhere), then probe. Returns (exception or None, summaries,
     probe error)."""
     if errors:
-        for a in actors:
-            a.abort_update.remote(version)
+        try:  # staged buckets are dropped anyway by the next version; waiting makes the outcome observable
+            _wait([a.abort_update.remote(version) for a in actors], endpoints.names, "abort", timeout_s, step)
+        except WeightSyncError as e:
+            errors.append(str(e))
         return WeightSyncError(f"step {step}: sync of version {version} failed, engines keep their previous "
                                f"version: " + "; ".join(errors)), {}, None
     t = time.perf_counter()

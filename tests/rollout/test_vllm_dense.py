@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import start_pool
-from prism_mcore.platform.multiproc import RankFailure
 from prism_mcore.rollout.engine import Prompt, SamplingParams
 from prism_mcore.rollout.probe import relative_error
 from prism_mcore.rollout.transport import LocalBucket
