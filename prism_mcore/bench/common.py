@@ -163,15 +163,18 @@ def run_group_interleaved(cases: list[Case]) -> list[Result]:
             call()
     load_before = os.getloadavg()[0]
     times: list[list[float]] = [[] for _ in cases]
+    cpu_times: list[list[float]] = [[] for _ in cases]  # CPU seconds of this process: less load-sensitive
     for rep in range(max(c.reps for c in cases)):
         order = range(len(cases)) if rep % 2 == 0 else reversed(range(len(cases)))
         for i in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             built[i][0]()
             times[i].append(time.perf_counter() - t0)
+            cpu_times[i].append(time.process_time() - c0)
     load = round(max(load_before, os.getloadavg()[0]), 2)
-    return [Result(c, t, p.peak_mem_bytes, work, unit, {"load_avg_1m": load, "timing": "interleaved"})
-            for c, t, p, (_, work, unit) in zip(cases, times, peaks, built)]
+    return [Result(c, t, p.peak_mem_bytes, work, unit,
+                   {"load_avg_1m": load, "timing": "interleaved", "cpu_times_s": ct})
+            for c, t, ct, p, (_, work, unit) in zip(cases, times, cpu_times, peaks, built)]
 
 
 def to_rows(results: list[Result], reference_impl: str, ceiling: dict | None) -> list[dict]:
@@ -192,6 +195,10 @@ def to_rows(results: list[Result], reference_impl: str, ceiling: dict | None) ->
                                        else None),
             **r.extra,
         }
+        if "cpu_times_s" in r.extra:
+            row["median_cpu_s"] = statistics.median(r.extra["cpu_times_s"])
+            if ref and "cpu_times_s" in ref.extra:
+                row["cpu_time_ratio_to_reference"] = row["median_cpu_s"] / statistics.median(ref.extra["cpu_times_s"])
         if r.work_unit == "flop":
             row["tflops"] = r.rate
             if ceiling and ceiling.get("matmul_tflops"):
@@ -223,7 +230,9 @@ def print_table(title: str, rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("impl", "mode", "shape", "dtype", "median", "rate", "peak mem", "time vs ref", "mem vs ref"):
+    with_cpu = any("cpu_time_ratio_to_reference" in r for r in rows)
+    cols = ["impl", "mode", "shape", "dtype", "median", "rate", "peak mem", "time vs ref", "mem vs ref"]
+    for col in cols + (["cpu-time vs ref"] if with_cpu else []):
         table.add_column(col, justify="left" if col in ("impl", "mode", "shape", "dtype") else "right")
     for r in rows:
         rate = f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.1f} GB/s"
@@ -231,7 +240,8 @@ def print_table(title: str, rows: list[dict]) -> None:
         if frac is not None:
             rate += f" ({100 * frac:.0f}% of ceiling)"
         ratio = (lambda v: "-" if v is None else f"{v:.2f}x")
-        table.add_row(r["impl"], r["mode"], " ".join(f"{k}={v}" for k, v in r["shape"].items()), r["dtype"],
-                      f"{r['median_s'] * 1e3:.1f} ms", rate, _fmt_bytes(r["peak_mem_bytes"]),
-                      ratio(r["time_ratio_to_reference"]), ratio(r["mem_ratio_to_reference"]))
+        cells = [r["impl"], r["mode"], " ".join(f"{k}={v}" for k, v in r["shape"].items()), r["dtype"],
+                 f"{r['median_s'] * 1e3:.1f} ms", rate, _fmt_bytes(r["peak_mem_bytes"]),
+                 ratio(r["time_ratio_to_reference"]), ratio(r["mem_ratio_to_reference"])]
+        table.add_row(*cells, *([ratio(r.get("cpu_time_ratio_to_reference"))] if with_cpu else []))
     Console(width=200).print(table)
