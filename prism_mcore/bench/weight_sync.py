@@ -12,7 +12,7 @@ Two sender modes are timed: `copy` (every tensor packed into the /dev/shm stagin
 (after `share_weights_memory`: tensors that are views of this rank's parameters travel as references and
 the engine reads them from trainer memory; the headline, unless --transport ray). Per mode, the first sync
 (allocating and mapping staging) is a warm-up and the median of the next `--reps` is reported. memcpy:
-`dst.copy_(src)` of a pre-faulted 1 GiB float32 tensor in the trainer process, measured right before every
+`dst.copy_(src)` of a pre-faulted 1 GiB (`--memcpy-mb`) float32 tensor in the trainer process, measured right before every
 timed sync (median), since the machine may be shared.
 """
 from __future__ import annotations
@@ -45,8 +45,6 @@ class HFTensorReceiver(RolloutEngine):
         from prism_mcore.rollout.vllm_engine import checkpoint_schema
 
         self.engine_id = engine_id
-        if os.environ.get("PRISM_RECEIVER_THREADS"):
-            torch.set_num_threads(int(os.environ["PRISM_RECEIVER_THREADS"]))
         schema = checkpoint_schema(model_path)
 
         def alloc():  # touched now (fill), so timed copies never pay first-touch page faults
@@ -147,7 +145,8 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
     return out
 
 
-def bench_rank(model_dir: str, tp: int, endpoints, reps: int, bucket_mb: float, transport: str) -> dict | None:
+def bench_rank(model_dir: str, tp: int, endpoints, reps: int, bucket_mb: float, transport: str,
+               memcpy_mb: int = 1024) -> dict | None:
     """On every trainer rank: build the model at TP=tp; time syncs that copy every tensor through the
     staging buckets, then (after `share_weights_memory`) syncs that pass references where they can."""
     import torch.distributed as dist
@@ -160,7 +159,7 @@ def bench_rank(model_dir: str, tp: int, endpoints, reps: int, bucket_mb: float, 
     cfg = load_config(None, [f"model.hf_path={model_dir}", f"parallel.tp={tp}"])
     init_model_parallel(cfg)
     model = build_qwen3(cfg.model, cfg.parallel)
-    memcpy = Memcpy() if dist.get_rank() == 0 else None
+    memcpy = Memcpy(memcpy_mb * 2**20) if dist.get_rank() == 0 else None
     copy = _timed_syncs(model, cfg, endpoints, 1, reps, bucket_mb, transport, memcpy)
     share_weights_memory(model)
     zero = _timed_syncs(model, cfg, endpoints, reps + 2, reps, bucket_mb, transport, memcpy)
@@ -196,7 +195,7 @@ def run_engine(kind: str, model_dir: str, args, ray_mod) -> dict:
     try:
         pool.start()
         return run_on_ranks(bench_rank, args.tp, model_dir, args.tp, pool.endpoints, args.reps, args.bucket_mb,
-                            args.transport, timeout=1800)[0]
+                            args.transport, args.memcpy_mb, timeout=1800)[0]
     finally:
         pool.shutdown()
 
@@ -210,6 +209,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--transport", choices=["shm", "ray"], default="shm")
     p.add_argument("--bucket-mb", type=float, default=512, help="bucket size (rollout.weight_bucket_mb's default)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--memcpy-mb", type=int, default=1024, help="size of the memcpy reference copy")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)

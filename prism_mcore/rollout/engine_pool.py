@@ -246,7 +246,7 @@ class EnginePool:
         """Completions for every prompt, in order, sampled from weights of `version` (default: the newest
         version on any engine), or up to `max_staleness` versions older in async mode."""
         t0 = time.monotonic()
-        healths = self.health()
+        healths = self.health(timeout_s=5.0)  # a restarting engine cannot answer; it is not usable anyway
         want = self.version if version is None else version
         usable = [i for i, h in enumerate(healths)
                   if h is not None and h.ok and not h.sleeping and want - max_staleness <= h.weight_version <= want]
