@@ -12,8 +12,8 @@ Two sender modes are timed: `copy` (every tensor packed into the /dev/shm stagin
 (after `share_weights_memory`: tensors that are views of this rank's parameters travel as references and
 the engine reads them from trainer memory; the headline, unless --transport ray). Per mode, the first sync
 (allocating and mapping staging) is a warm-up and the median of the next `--reps` is reported. memcpy:
-`dst.copy_(src)` of a pre-faulted 1 GiB (`--memcpy-mb`) float32 tensor in the trainer process, measured right before every
-timed sync (median), since the machine may be shared.
+`dst.copy_(src)` of a pre-faulted 1 GiB (`--memcpy-mb`) float32 tensor in the trainer process, measured
+right before every timed sync (median), since the machine may be shared.
 """
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
     out = {"bytes": timed[0].bytes, "ref_bytes": timed[0].ref_bytes, "tensors": timed[0].tensors,
            "buckets": timed[0].buckets,
            "seconds": med(r.seconds for r in timed), "seconds_all": [r.seconds for r in timed],
-           "stream_s": med(r.stream_s for r in timed), "convert_s": med(r.convert_s for r in timed), "pack_s": med(r.pack_s for r in timed),
+           "stream_s": med(r.stream_s for r in timed), "convert_s": med(r.convert_s for r in timed),
+           "pack_s": med(r.pack_s for r in timed),
            "send_s": med(r.send_s for r in timed), "commit_s": med(r.commit_s for r in timed),
            "receive_copy_s": med(next(iter(r.engines.values())).extra.get("receive_copy_s", 0.0) for r in timed),
            "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies}

@@ -231,8 +231,8 @@ class RefBucket:
     def open(self) -> list[tuple[str, torch.Tensor]]:
         out = []
         for r in self.refs:
-            t = torch.empty(0, dtype=getattr(torch, r.dtype)).set_(_remote_storage(r.handle), r.offset, r.shape, r.stride)
-            out.append((r.name, t))
+            view = torch.empty(0, dtype=getattr(torch, r.dtype))
+            out.append((r.name, view.set_(_remote_storage(r.handle), r.offset, r.shape, r.stride)))
         return out
 
     def entries(self) -> list[TensorEntry]:

@@ -17,5 +17,6 @@ def test_bench_weight_sync_json(tmp_path):
     result = json.loads(out.read_text())
     for key in ("bytes", "seconds", "gbps", "memcpy_gbps", "ratio_to_memcpy"):
         assert result[key] > 0, key
-    assert result["bytes"] == 4 * (2 * 1000 * 64 + 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 128 * 64 + 2 * 64 + 2 * 32) + 64)
+    per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 128 * 64 + 2 * 64 + 2 * 32  # attn, mlp, norms
+    assert result["bytes"] == 4 * (2 * 1000 * 64 + 2 * per_layer + 64)
     assert result["mode"] == "zero_copy" and result["detail"]["receiver"]["zero_copy"]["ref_bytes"] > 0
