@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import rollout_config
+from pool_helpers import rollout_config
 from prism_mcore.rollout.engine import EngineError, Prompt, SamplingParams
 from prism_mcore.rollout.engine_pool import EnginePool, EngineTimeoutError, make_placement
 from prism_mcore.rollout.probe import LogprobMismatch, Probe, check_probe, rollout_mismatch

