@@ -39,6 +39,9 @@ class ModelConfig(_Section):
     moe_intermediate_size: int | None = Field(None, gt=0)
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = Field(0.001, ge=0)
+    moe_expert_backend: Literal["sequential", "grouped"] = Field(
+        "sequential", description="MoE expert MLP: Megatron's SequentialMLP (one GEMM per expert) or our grouped "
+        "GEMM over all local experts (prism_mcore/models/qwen3/grouped_experts.py); same weights and checkpoints")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     megatron: dict[str, Any] = Field(default_factory=dict, description="extra TransformerConfig kwargs")
 

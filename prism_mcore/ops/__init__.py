@@ -6,14 +6,16 @@
     unpermute_tokens(y_sorted, sorted_slots, probs, *, backend) -> y
     grouped_gemm(x_sorted, w, offsets, *, backend) -> y_sorted
     gmm(x, w, tokens_per_expert, trans_b=False, *, backend)  (grouped_gemm.ops.gmm's call, for Megatron)
+    grouped_linear(x_sorted, [w_e [N, K] ...], offsets, *, backend) -> y_sorted  (per-expert nn.Linear weights)
     moe_experts(x, probs, expert_idx, w_in, w_out, activation, *, backend) -> y
 """
 from prism_mcore.ops.backends import (LOGPROB_BACKENDS, MOE_BACKENDS, default_backend, poison_outputs,
                                       resolve_backend, set_default_backend)
 from prism_mcore.ops.logprob import naive_token_logprobs, token_logprobs
-from prism_mcore.ops.moe import (gmm, grouped_gemm, moe_experts, permute_tokens, topk_softmax_router,
-                                 unpermute_tokens)
+from prism_mcore.ops.moe import (counts_to_offsets, gmm, grouped_gemm, grouped_linear, moe_experts, permute_tokens,
+                                 topk_softmax_router, unpermute_tokens)
 
-__all__ = ["LOGPROB_BACKENDS", "MOE_BACKENDS", "default_backend", "gmm", "grouped_gemm", "moe_experts",
+__all__ = ["LOGPROB_BACKENDS", "MOE_BACKENDS", "counts_to_offsets", "default_backend", "gmm", "grouped_gemm",
+           "grouped_linear", "moe_experts",
            "naive_token_logprobs", "permute_tokens", "poison_outputs", "resolve_backend", "set_default_backend",
            "token_logprobs", "topk_softmax_router", "unpermute_tokens"]

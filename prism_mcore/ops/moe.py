@@ -196,12 +196,70 @@ def grouped_gemm(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                               use_triton)
 
 
+def counts_to_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Tokens per expert (host or device, any int dtype) -> int32 cumulative group ends on `device`, without
+    waiting for the device: a host tensor is pinned and copied asynchronously, the cumsum runs on `device`."""
+    counts = tokens_per_expert
+    if not torch.is_tensor(counts):
+        counts = torch.as_tensor(counts, dtype=torch.int64)
+    if counts.device != device:
+        if counts.device.type == "cpu" and device.type == "cuda" and not counts.is_pinned():
+            counts = counts.pin_memory()
+        counts = counts.to(device, non_blocking=True)
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
 def gmm(x: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False, *,
         backend: str | None = None):
     """Same call as `grouped_gemm.ops.gmm`, which Megatron's GroupedMLP uses: `batch_sizes` are tokens per
     expert (CPU or device); w is [E, K, N], or [E, N, K] with trans_b. Offsets are built on x's device."""
-    offsets = torch.cumsum(batch_sizes.to(x.device), 0).to(torch.int32)
+    offsets = counts_to_offsets(batch_sizes, x.device)
     return grouped_gemm(x, w.transpose(1, 2) if trans_b else w, offsets, backend=backend)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ weights[e]^T over a *list* of per-expert [N, K] weights.
+
+    The [E, N, K] stack is built in forward and again in backward, and never saved: autograd keeps only the
+    weights themselves (parameters, no copy), so activation memory is what one Linear per expert would keep.
+    The weight gradient is one [E, N, K] grouped wgrad, handed back as per-expert views."""
+
+    @staticmethod
+    def forward(ctx, x, offsets, use_triton, *weights):
+        w = torch.stack(weights)
+        ctx.save_for_backward(x, offsets, *weights)
+        ctx.use_triton = use_triton
+        if use_triton:
+            return _tk().grouped_mm(x, w, offsets, transpose_w=True, new_output=new_output)
+        return _torch_grouped_mm(x, w.transpose(1, 2), offsets)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, offsets, *weights = ctx.saved_tensors
+        g = g.contiguous()
+        dx, dws = None, [None] * len(weights)
+        if ctx.needs_input_grad[0]:
+            w = torch.stack(weights)  # [E, N, K]: dx = g @ w[e]
+            dx = _tk().grouped_mm(g, w, offsets, new_output=new_output) if ctx.use_triton \
+                else _torch_grouped_mm(g, w, offsets)
+        if any(ctx.needs_input_grad[3:]):  # dw[e] = g[rows of e]^T @ x[rows of e], [E, N, K]
+            dw = _tk().grouped_wgrad(g, x, offsets, new_output=new_output) if ctx.use_triton \
+                else _torch_grouped_wgrad(g, x, offsets)
+            dws = list(dw.unbind(0))
+        return (dx, None, None, *dws)
+
+
+def grouped_linear(x_sorted: torch.Tensor, weights, offsets: torch.Tensor, *, backend: str | None = None):
+    """Grouped GEMM in nn.Linear's layout: rows of group e times `weights[e]`^T, weights a sequence of E [N, K]
+    tensors (e.g. the `linear_fc1.weight` of each local expert). [M, K] -> [M, N]; rows at or past offsets[-1]
+    are zeros. Gradients flow to every weight (zeros for an empty group) without a stacked copy being kept."""
+    weights = list(weights)
+    if not weights or x_sorted.shape[1] != weights[0].shape[1] or offsets.shape[0] != len(weights) \
+            or any(w.shape != weights[0].shape for w in weights):
+        raise ValueError(f"shapes disagree: x {tuple(x_sorted.shape)}, weights "
+                         f"{[tuple(w.shape) for w in weights]}, offsets {tuple(offsets.shape)}")
+    use_triton = _resolve(backend, x_sorted) == "triton"
+    return _GroupedLinear.apply(x_sorted.contiguous(), offsets.to(torch.int32).contiguous(), use_triton, *weights)
 
 
 def moe_experts(x, probs, expert_idx, w_in, w_out, activation=F.silu, *, backend: str | None = None):

@@ -30,8 +30,9 @@ def tokens(vocab: int, batch: int = 2, seq: int = 12, seed: int = 1):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def megatron_logits(hf_dir: str, layout: dict, ids: torch.Tensor):
-    """Build the model at `layout` straight from the HF dir; full-vocab logits on every rank."""
+def megatron_logits(hf_dir: str, layout: dict, ids: torch.Tensor, extra: list[str] = ()):
+    """Build the model at `layout` straight from the HF dir; full-vocab logits on every rank.
+    `extra`: more config overrides (e.g. model.moe_expert_backend=grouped)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -43,7 +44,8 @@ def megatron_logits(hf_dir: str, layout: dict, ids: torch.Tensor):
     from prism_mcore.parallel.layout import init_model_parallel
     from prism_mcore.parallel.shards import load_full
 
-    cfg = load_config(None, [f"model.hf_path={hf_dir}"] + [f"parallel.{k}={v}" for k, v in layout.items()])
+    cfg = load_config(None, [f"model.hf_path={hf_dir}"] + [f"parallel.{k}={v}" for k, v in layout.items()]
+                      + list(extra))
     init_model_parallel(cfg)
     model = build_qwen3(cfg.model, cfg.parallel)
     load_full(model, megatron_reader(cfg.model, LazyCheckpoint(hf_dir).get))

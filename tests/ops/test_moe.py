@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_mcore.ops import grouped_gemm, moe_experts, permute_tokens, poison_outputs, topk_softmax_router
+from prism_mcore.ops import grouped_gemm, grouped_linear, moe_experts, permute_tokens, poison_outputs, topk_softmax_router
 
 
 def gen(seed=None):
@@ -76,6 +76,32 @@ def check_grouped(backend, dtype, K, N, tol):
     assert (ww.grad[1] == 0).all() and (ww.grad[3] == 0).all(), "empty groups get zero weight gradient"
 
 
+def check_grouped_linear(backend, dtype, K, N, tol):
+    """Per-expert nn.Linear weights [N, K] (a list, as Megatron's experts hold them) against float64 loops."""
+    g = gen()
+    M, E = 29, 5
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ws = [torch.randn(N, K, generator=g).to(dtype) for _ in range(E)]
+    offsets = torch.tensor([4, 4, 15, 15, 26], dtype=torch.int32)  # groups 1 and 3 empty; rows 26.. are the tail
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    xd = x.double().clone().requires_grad_()
+    wd = torch.stack(ws).double().clone().requires_grad_()
+    out_ref = ref_grouped(xd, wd.transpose(1, 2), offsets)
+    (out_ref * dy.double()).sum().backward()
+    xx, ww = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    with poison_outputs():
+        out = grouped_linear(xx, ww, offsets, backend=backend)
+        out.backward(dy)
+    scale = max(1.0, out_ref.abs().max().item())
+    torch.testing.assert_close(out.double(), out_ref.detach(), rtol=tol, atol=tol * scale)
+    assert (out[26:] == 0).all(), "rows past offsets[-1] must be zeros"
+    torch.testing.assert_close(xx.grad.double(), xd.grad, rtol=tol, atol=tol * scale)
+    for e, w in enumerate(ww):
+        assert w.grad.shape == w.shape
+        torch.testing.assert_close(w.grad.double(), wd.grad[e], rtol=tol, atol=tol * scale)
+    assert (ww[1].grad == 0).all() and (ww[3].grad == 0).all(), "empty groups get zero weight gradient"
+
+
 def check_moe(backend, dtype=torch.float32, tol=1e-5):
     g = gen()
     T, d, ffn, E, k = 10, 8, 12, 6, 2
@@ -106,6 +132,20 @@ def test_router_torch():
                          ids=["fp32-grouped_mm", "fp64-loop", "fp32-unaligned-loop"])
 def test_grouped_gemm_torch(dtype, K, N):
     check_grouped("torch", dtype, K, N, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,K,N", [(torch.float32, 8, 12), (torch.float64, 8, 12), (torch.float32, 6, 5)],
+                         ids=["fp32-grouped_mm", "fp64-loop", "fp32-unaligned-loop"])
+def test_grouped_linear_torch(dtype, K, N):
+    check_grouped_linear("torch", dtype, K, N, 1e-5)
+
+
+def test_counts_to_offsets_host_or_device():
+    from prism_mcore.ops import counts_to_offsets
+
+    for counts in (torch.tensor([3, 0, 5]), torch.tensor([3, 0, 5], dtype=torch.int32), [3, 0, 5]):
+        offs = counts_to_offsets(counts, torch.device("cpu"))
+        assert offs.dtype == torch.int32 and offs.tolist() == [3, 3, 8]
 
 
 def test_moe_experts_torch():

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from test_moe import check_grouped, check_moe, check_router  # noqa: E402
+from test_moe import check_grouped, check_grouped_linear, check_moe, check_router  # noqa: E402
 
 
 def test_router_triton():
@@ -20,6 +20,12 @@ def test_router_triton():
                          ids=["fp32", "fp16"])
 def test_grouped_gemm_triton(dtype, K, N, tol):
     check_grouped("triton", dtype, K, N, tol)
+
+
+def test_grouped_linear_triton():
+    """The per-expert-weight GEMM (transposed weight strides in forward, [E, N, K] wgrad) in Triton; fp16 goes
+    through the same kernels as test_grouped_gemm_triton[fp16]."""
+    check_grouped_linear("triton", torch.float32, 24, 20, 1e-5)
 
 
 def test_moe_experts_triton():

@@ -99,11 +99,18 @@ def layer_spec(model: ModelConfig, config):
 
     num_experts = model.num_experts or None
     if have_transformer_engine():
-        return specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True)
-    return specs.get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True,
-        normalization="RMSNorm")
+    else:
+        spec = specs.get_gpt_layer_local_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True,
+            normalization="RMSNorm")
+    if model.is_moe and model.moe_expert_backend == "grouped":
+        # Our grouped-GEMM experts in place of SequentialMLP; parameters and checkpoints are unchanged.
+        from prism_mcore.models.qwen3.grouped_experts import use_grouped_experts
+
+        spec = use_grouped_experts(spec)
+    return spec
 
 
 def build_qwen3(model: ModelConfig, parallel: ParallelConfig):
