@@ -103,6 +103,21 @@ class RolloutConfig(_Section):
     max_tokens: int = Field(256, gt=0)
     weight_bucket_mb: int = Field(512, gt=0)
     timeout_s: float = Field(600.0, gt=0)
+    transport: Literal["auto", "shm", "ray", "torch_distributed"] = Field(
+        "auto", description="weight-sync transport: auto (shm when every engine is on the sender's node, else ray), "
+                            "shm, ray (object store), torch_distributed (engines join a gloo/nccl group per sender)")
+    zero_copy: bool = Field(False, description="send tensors that are views of the trainer's parameters as references "
+                                               "into shared memory (same node; shm transport)")
+    probe_every: int = Field(0, ge=0, description="run the post-sync log-prob probe on versions divisible by N; 0 = off")
+    max_staleness: int = Field(0, ge=0, description="0 = strictly on-policy; N > 0 = async mode, rollouts may come "
+                                                    "from weights up to N versions older than the policy")
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> "RolloutConfig":
+        if self.zero_copy and self.transport not in ("auto", "shm"):
+            raise ValueError(f"rollout.zero_copy=true needs rollout.transport=auto or shm (references cannot "
+                             f"cross processes on other nodes), got rollout.transport={self.transport}")
+        return self
 
 
 class AlgorithmConfig(_Section):

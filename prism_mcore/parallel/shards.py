@@ -3,7 +3,9 @@
 Megatron already describes this for checkpointing: `model.sharded_state_dict()` gives, for every
 local tensor, its key, the global shape and the offset of the local piece (tensor, pipeline and
 expert parallel alike; layers and experts carry global indices). We use that one description to
-  * assemble full tensors from all ranks' pieces (`local_shards` + `assemble`), and
+  * walk a rank's pieces without copying them (`iter_local_shards`, views of the live tensors),
+  * assemble full tensors from all ranks' pieces (`local_shards` + `assemble`, or `assemble_pieces` for
+    one tensor: each element copied once, exact-once coverage checked by box arithmetic), and
   * fill a rank's pieces from full tensors without materializing anything else (`load_full`).
 """
 from __future__ import annotations
@@ -40,16 +42,68 @@ def _sharded_tensors(model: torch.nn.Module) -> Iterator:
             yield value
 
 
-def _is_primary(replica_id) -> bool:
+def is_primary(replica_id) -> bool:
+    """Whether a piece with this Megatron `replica_id` is the one replica that speaks for it (all zero)."""
     ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
     return all(int(i) == 0 for i in ids)
 
 
+_is_primary = is_primary  # old private name
+
+
+def iter_local_shards(model: torch.nn.Module, primary_only: bool = False) -> Iterator[Shard]:
+    """This rank's pieces of every parameter (and persistent buffer) of `model`, in Megatron's
+    `sharded_state_dict` order, *without copying*: `data` is a detached view of the live tensor, so it
+    changes with the model and writing into it writes the model. With `primary_only`, replicas that do
+    not speak for their piece (e.g. the copies on other DP ranks) are skipped."""
+    for t in _sharded_tensors(model):
+        primary = is_primary(t.replica_id)
+        if primary or not primary_only:
+            yield Shard(t.key, tuple(t.global_shape), tuple(t.global_offset), t.data.detach(), primary)
+
+
 def local_shards(model: torch.nn.Module) -> list[Shard]:
-    """This rank's pieces of every parameter (and persistent buffer) of `model`, detached."""
-    return [Shard(t.key, tuple(t.global_shape), tuple(t.global_offset), t.data.detach().clone(),
-                  _is_primary(t.replica_id))
-            for t in _sharded_tensors(model)]
+    """This rank's pieces of every parameter (and persistent buffer) of `model`, detached copies (a
+    snapshot; `iter_local_shards` gives the same pieces as views without copying)."""
+    return [Shard(s.key, s.global_shape, s.global_offset, s.data.clone(), s.primary)
+            for s in iter_local_shards(model)]
+
+
+def check_cover(key: str, shape: tuple[int, ...], regions: list[tuple[slice, ...]]) -> None:
+    """Raise ValueError unless the regions (boxes, one slice per axis) tile `shape` exactly once: every
+    box inside the tensor, no two overlapping, and their volumes adding up to the whole. Box arithmetic,
+    so checking costs nothing next to the copy (no per-element counter)."""
+    total = 1
+    for n in shape:
+        total *= n
+    volume = 0
+    for region in regions:
+        if len(region) != len(shape) or any(r.start < 0 or r.stop > n or r.start > r.stop
+                                            for r, n in zip(region, shape)):
+            raise ValueError(f"{key}: piece {region} lies outside the tensor of shape {tuple(shape)}")
+        v = 1
+        for r in region:
+            v *= r.stop - r.start
+        volume += v
+    for i, a in enumerate(regions):
+        for b in regions[i + 1:]:
+            if all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b)):
+                raise ValueError(f"{key}: pieces {a} and {b} overlap")
+    if volume != total:
+        raise ValueError(f"{key}: pieces cover {volume} of {total} elements")
+
+
+def assemble_pieces(key: str, shape: tuple[int, ...], pieces: list[tuple[tuple[slice, ...], torch.Tensor]],
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """One full tensor from (region, data) pieces that tile it exactly once (`check_cover`): every element
+    is copied once into an uninitialized tensor (or into `out`). `data` may carry leading size-1 axes."""
+    check_cover(key, shape, [r for r, _ in pieces])
+    if out is None:
+        out = torch.empty(shape, dtype=pieces[0][1].dtype)
+    for region, data in pieces:
+        dst = out[region]
+        dst.copy_(data.reshape(dst.shape))
+    return out
 
 
 @contextlib.contextmanager
@@ -74,23 +128,14 @@ def params_swapped_with_grads(model: torch.nn.Module) -> Iterator[None]:
 def assemble(shards_per_rank: list[list[Shard]], keys: Callable[[str], bool] = lambda k: True
              ) -> dict[str, torch.Tensor]:
     """Full tensors from the primary pieces of all ranks. Every element must be covered exactly once."""
-    full: dict[str, torch.Tensor] = {}
-    covered: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for shards in shards_per_rank:
         for s in shards:
-            if not s.primary or not keys(s.key):
-                continue
-            if s.key not in full:
-                full[s.key] = torch.zeros(s.global_shape, dtype=s.data.dtype)
-                covered[s.key] = torch.zeros(s.global_shape, dtype=torch.int32)
-            region = s.region()
-            full[s.key][region] = s.data.reshape(full[s.key][region].shape)
-            covered[s.key][region] += 1
-    for key, count in covered.items():
-        if not bool((count == 1).all()):
-            raise ValueError(f"{key}: pieces cover {int((count == 0).sum())} elements zero times and "
-                             f"{int((count > 1).sum())} more than once")
-    return full
+            if s.primary and keys(s.key):
+                pieces.setdefault(s.key, []).append((s.region(), s.data))
+                shapes[s.key] = s.global_shape
+    return {key: assemble_pieces(key, shapes[key], ps) for key, ps in pieces.items()}
 
 
 @torch.no_grad()
@@ -99,8 +144,8 @@ def load_full(model: torch.nn.Module, read: Callable[[str, tuple[slice, ...]], t
     lazy reader (safetensors slices) never loads more than this rank holds. `read` may return None
     to keep a tensor's current (initialized) value. Returns the keys loaded."""
     loaded = []
-    for t in _sharded_tensors(model):
-        region = Shard(t.key, tuple(t.global_shape), tuple(t.global_offset), t.data, True).region()
+    for t in iter_local_shards(model):
+        region = t.region()
         value = read(t.key, region)
         if value is None:
             continue

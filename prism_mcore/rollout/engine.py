@@ -111,6 +111,14 @@ class StagedUpdate:
         self.names: set[str] = set()
 
     def receive(self, version: int, live_version: int, bucket: Any) -> int:
+        fetch = getattr(bucket, "fetch", None)
+        if fetch is not None:
+            # A collective transport (torch_distributed): take part in the sender's broadcast before any
+            # check, so a rejected bucket never leaves the sender and the other engines waiting.
+            try:
+                fetch()
+            except EngineError as e:
+                raise EngineError(f"engine {self.engine_id}: {e}") from None
         if version <= live_version:
             raise EngineError(f"engine {self.engine_id}: update to version {version} is not newer than the "
                               f"live version {live_version}")

@@ -5,7 +5,8 @@
   A restarted engine comes back with its checkpoint weights (version 0) and is left out until the next
   sync reaches it.
 * A step samples only from engines at the requested version (default: the newest one seen); async
-  (off-policy) rollouts opt in with `max_staleness`.
+  (off-policy) rollouts opt in with `rollout.max_staleness` (engines up to N versions behind are used;
+  every result is checked, `check_staleness`, and a violation names the engine and the versions).
 * Every wait has a deadline (`RolloutConfig.timeout_s`); a timeout names the engine and the step.
 * Placement: one placement group with bundles for the trainer ranks and the engines. Colocated: engines
   share the trainer's bundles (and sleep while it trains); disaggregated: engines get bundles of their own.
@@ -68,6 +69,17 @@ class EngineActor:
     def read_params(self, names=None):
         return self.engine.read_params(names)
 
+    def join_weight_group(self, spec, rank):
+        """torch_distributed transport: become member `rank` of a trainer rank's weight group."""
+        from prism_mcore.rollout.transport import join_group
+
+        join_group(spec, rank)
+
+    def has_weight_group(self, key):
+        from prism_mcore.rollout.transport import has_group
+
+        return has_group(key)
+
     @ray.method(concurrency_group="control")
     def health(self) -> EngineHealth:
         return self.engine.health()
@@ -75,6 +87,20 @@ class EngineActor:
     @ray.method(concurrency_group="control")
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def check_staleness(results: Sequence[GenerationResult], policy_version: int, max_staleness: int = 0,
+                    step: int | None = None, names: Sequence[str] | None = None) -> None:
+    """Raise StaleWeightsError, naming the engine and both versions, unless every result was sampled from
+    weights `policy_version - max_staleness <= v <= policy_version` (0 = strictly on-policy). Trainers that
+    keep rollouts around (async mode) call this again before training on them with a newer policy."""
+    for r in results:
+        if not policy_version - max_staleness <= r.weight_version <= policy_version:
+            engine = names[r.engine_id] if names and r.engine_id < len(names) else f"engine {r.engine_id}"
+            raise StaleWeightsError(
+                f"step {step}: rollout from {engine} was sampled with weight version {r.weight_version}, but the "
+                f"policy is at version {policy_version} and max_staleness={max_staleness} allows only "
+                f"{policy_version - max_staleness}..{policy_version}")
 
 
 # ---- placement ----------------------------------------------------------------------------------------
@@ -242,10 +268,15 @@ class EnginePool:
     # ---- generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, step: int | None = None,
-                 version: int | None = None, max_staleness: int = 0) -> list[GenerationResult]:
+                 version: int | None = None, max_staleness: int | None = None) -> list[GenerationResult]:
         """Completions for every prompt, in order, sampled from weights of `version` (default: the newest
-        version on any engine), or up to `max_staleness` versions older in async mode."""
+        version on any engine; async trainers pass their policy's version), or up to `max_staleness`
+        (default `rollout.max_staleness`) versions older in async mode. Engines outside that window are not
+        asked; every result is checked again (`check_staleness`), and a result from outside the window (an
+        engine restarted mid-call) is re-issued to another engine, or raises StaleWeightsError naming the
+        engine and the versions when no engine inside the window is left."""
         t0 = time.monotonic()
+        max_staleness = getattr(self.rollout, "max_staleness", 0) if max_staleness is None else max_staleness
         healths = self.health(timeout_s=5.0)  # a restarting engine cannot answer; it is not usable anyway
         want = self.version if version is None else version
         usable = [i for i, h in enumerate(healths)
@@ -278,7 +309,9 @@ class EnginePool:
             ref = ready[0]
             engine, indices = pending.pop(ref)
             try:
-                for j, r in zip(indices, ray.get(ref)):
+                got = ray.get(ref)
+                check_staleness(got, want, max_staleness, step, self.names)
+                for j, r in zip(indices, got):
                     results[j] = r
             except (RayActorError, StaleWeightsError) as e:
                 # The engine died (Ray restarts it with checkpoint weights) or lost the version: never use
@@ -288,6 +321,9 @@ class EnginePool:
                 stats.failed_engines.append(engine)
                 usable = [u for u in usable if u != engine]
                 if not usable:
+                    if isinstance(e, StaleWeightsError):
+                        raise StaleWeightsError(f"step {step}: no engine inside the staleness window is left: "
+                                                f"{e}") from e
                     raise EngineError(f"step {step}: every engine at weight version {want} failed") from e
                 stats.reissued_prompts += len(indices)
                 load = {u: sum(len(ix) for e2, ix in pending.values() if e2 == u) for u in usable}

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,8 @@ class SyncStats:
     pack_s: float = 0.0  # of which copying into buckets (rank 0)
     send_s: float = 0.0  # of which handing buckets to the engines and waiting for them (rank 0)
     commit_s: float = 0.0
-    probe_error: float | None = None
+    probe_error: float | None = None  # None: no probe ran in this sync
+    transport: str = ""
     engines: dict[str, Any] = field(default_factory=dict)  # engine name -> UpdateSummary (rank 0)
 
 
@@ -109,10 +110,10 @@ def _unit_order(key: str, layer: int | None) -> tuple:
 
 def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
     from prism_mcore.models.qwen3.hf_adapter import is_layered
-    from prism_mcore.parallel.shards import _is_primary, _sharded_tensors
+    from prism_mcore.parallel.shards import iter_local_shards
 
-    mine = [t for t in _sharded_tensors(model) if _is_primary(t.replica_id)]
-    meta = [(t.key, tuple(t.global_shape), _region(t), t.data.dtype) for t in mine]
+    mine = list(iter_local_shards(model, primary_only=True))  # views of the live parameters, no copies
+    meta = [(t.key, t.global_shape, t.region(), t.data.dtype) for t in mine]
     world = dist.get_world_size()
     everyone: list = [None] * world
     dist.all_gather_object(everyone, meta)
@@ -133,16 +134,11 @@ def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
     return mine, ordered
 
 
-def _region(shard) -> tuple[slice, ...]:
-    shape = (1,) * (len(shard.global_shape) - shard.data.dim()) + tuple(shard.data.shape)
-    return tuple(slice(o, o + s) for o, s in zip(shard.global_offset, shape))
-
-
 def _local_piece(shard, layer: int | None) -> torch.Tensor:
     """This rank's piece of one unit: the whole shard, or its one-layer slice (a view, with the layer axis)."""
     if layer is None:
         return shard.data
-    region = _region(shard)
+    region = shard.region()
     full = shard.data.reshape(tuple(r.stop - r.start for r in region))
     return full[layer - region[0].start: layer - region[0].start + 1]
 
@@ -180,10 +176,34 @@ def _in_place(unit: _Unit, me: int, mine: list) -> torch.Tensor | None:
     return whole if covered == whole.numel() else None
 
 
+def _assemble(unit: _Unit, me: int, mine: list) -> torch.Tensor:
+    """The sender's copy of a unit gathered from its holders: every element is written once into an
+    uninitialized tensor (coverage checked by box arithmetic, `shards.check_cover`); a remote piece whose
+    place in the result is contiguous (TP splits along the first axis, experts, layers) is received
+    straight into it, others through a buffer of their size."""
+    from prism_mcore.parallel.shards import check_cover
+
+    layered = unit.layer is not None
+    target = unit.shape[1:] if layered else unit.shape
+    regions = [p.region[1:] if layered else p.region for p in unit.pieces]
+    check_cover(f"{unit.key} layer {unit.layer}" if layered else unit.key, target, regions)
+    value = torch.empty(target, dtype=unit.pieces[0].dtype)
+    for piece, region in zip(unit.pieces, regions):
+        dst = value[region]
+        if piece.rank == me:
+            dst.copy_(_local_piece(mine[piece.index], unit.layer).reshape(dst.shape))
+        elif dst.is_contiguous():
+            dist.recv(dst, src=piece.rank)
+        else:
+            buf = torch.empty(tuple(r.stop - r.start for r in piece.region), dtype=piece.dtype)
+            dist.recv(buf, src=piece.rank)
+            dst.copy_(buf.reshape(dst.shape))
+    return value
+
+
 def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
     """Collective over the default process group: yields, on each unit's sender, the HF (name, tensor)
     pairs of that unit. Every rank must drain the iterator. Tensors may be views of live parameters."""
-    from prism_mcore.checkpoint.convert import _assemble_one
     from prism_mcore.models.qwen3.hf_adapter import hf_tensors
 
     me = dist.get_rank()
@@ -196,15 +216,7 @@ def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, to
             continue
         value = _in_place(unit, me, mine)
         if value is None:
-            pieces = []
-            for piece in unit.pieces:
-                if piece.rank == me:
-                    data = _local_piece(mine[piece.index], unit.layer)
-                else:
-                    data = torch.empty(tuple(r.stop - r.start for r in piece.region), dtype=piece.dtype)
-                    dist.recv(data, src=piece.rank)
-                pieces.append((piece.region, data))
-            value = _assemble_one(unit.key, unit.shape, unit.layer, pieces)
+            value = _assemble(unit, me, mine)
         yield from hf_tensors(model_cfg, unit.key, unit.layer, value)
 
 
@@ -249,31 +261,111 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def probe_due(version: int, probe_every: int) -> bool:
+    """Whether the sync of `version` runs the log-prob probe (`rollout.probe_every`; 0 = never). Decided by
+    the version alone, so every rank (and a resumed run) agrees without communicating."""
+    return probe_every > 0 and version % probe_every == 0
+
+
+@dataclass
+class _Options:
+    bucket_mb: float
+    transport: str
+    timeout_s: float
+    zero_copy: bool
+    probe_every: int
+
+
+def _options(rollout_cfg, probe, **explicit) -> _Options:
+    """Explicit keywords win over `rollout_cfg` (a RolloutConfig), which wins over the defaults. Without a
+    config an explicitly passed probe runs on every sync, as before `probe_every` existed."""
+    defaults = dict(bucket_mb=512, transport="auto", timeout_s=600.0, zero_copy=False,
+                    probe_every=1 if probe is not None else 0)
+    from_cfg = {} if rollout_cfg is None else dict(
+        bucket_mb=rollout_cfg.weight_bucket_mb, transport=rollout_cfg.transport, timeout_s=rollout_cfg.timeout_s,
+        zero_copy=rollout_cfg.zero_copy, probe_every=rollout_cfg.probe_every)
+    opts = _Options(**{k: explicit[k] if explicit.get(k) is not None else from_cfg.get(k, d)
+                       for k, d in defaults.items()})
+    if opts.transport not in ("auto", "shm", "ray", "torch_distributed"):
+        raise ValueError(f"unknown weight transport {opts.transport!r} (auto, shm, ray or torch_distributed)")
+    return opts
+
+
 def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, version: int,
-                 bucket_mb: float = 512, transport: str = "auto", timeout_s: float = 600.0,
-                 step: int | None = None, probe: Probe | None = None, digest: bool = False,
-                 keep_staging: bool = True) -> SyncStats:
+                 bucket_mb: float | None = None, transport: str | None = None, timeout_s: float | None = None,
+                 step: int | None = None, probe: Probe | Callable[[], Probe] | None = None, digest: bool = False,
+                 keep_staging: bool = True, rollout_cfg=None, zero_copy: bool | None = None,
+                 probe_every: int | None = None) -> SyncStats:
     """Push the model's current weights to every engine as `version` (collective over all trainer ranks).
 
-    `model` is the bare Megatron model (e.g. `ddp.module`). With the shm transport each sender packs into
-    staging slots in /dev/shm that are reused by the next sync (`keep_staging=False` frees them after
-    this one). Raises WeightSyncError (or LogprobMismatch from the probe) on every rank if anything failed."""
+    `model` is the bare Megatron model (e.g. `ddp.module`). Settings come from the keywords, else from
+    `rollout_cfg` (the run's `cfg.rollout`: weight_bucket_mb, transport, timeout_s, zero_copy, probe_every),
+    else the defaults (512 MB, auto, 600 s, no zero-copy). (`rollout.max_staleness` is the pool's business:
+    `EnginePool.generate` samples only from engines inside the window and checks every result.)
+      * `transport`: auto (shm when every engine is on this node, else ray), shm, ray, torch_distributed.
+      * `zero_copy`: move the parameters to shared memory once (`share_weights_memory`) and send views of
+        them as references (shm only).
+      * `probe`: a Probe, or a callable that makes one (called collectively, only on syncs that probe);
+        runs when `probe_due(version, probe_every)` (no config: on every sync).
+    With the shm transport each sender packs into staging slots in /dev/shm that are reused by the next sync
+    (`keep_staging=False` frees them after this one). Raises WeightSyncError (or LogprobMismatch from the
+    probe) on every rank if anything failed."""
+    opts = _options(rollout_cfg, probe, bucket_mb=bucket_mb, transport=transport, timeout_s=timeout_s,
+                    zero_copy=zero_copy, probe_every=probe_every)
+    if opts.zero_copy and opts.transport in ("ray", "torch_distributed"):
+        raise ValueError(f"zero_copy needs the shm transport (same node), not {opts.transport}")
+    if opts.zero_copy:
+        share_weights_memory(model)  # once: storages already shared are skipped
+    if probe is not None and not probe_due(version, opts.probe_every):
+        probe = None
+    elif callable(probe) and not isinstance(probe, Probe):
+        probe = probe()  # collective on the trainer side (a forward pass), on every rank alike
     with _one_thread():
-        return _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s, step, probe, digest,
-                     keep_staging)
+        return _sync(model, model_cfg, endpoints, version, opts, step, probe, digest, keep_staging)
 
 
-def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s, step, probe, digest,
-          keep_staging) -> SyncStats:
+_SENDERS: dict[str, tuple[Any, Any]] = {}  # tag -> (GroupSpec, DistSender): this rank's weight group
+
+
+def _dist_sender(tag: str, actors: list, names: list[str], timeout_s: float, step: int | None):
+    """This rank's weight group with every engine (torch_distributed transport), built once and reused while
+    every engine is still a member; rebuilt after an engine restart or a failed broadcast."""
+    from prism_mcore.rollout.transport import (DistSender, drop_group, finish_sender_group, has_group,
+                                               open_sender_group)
+
+    cached = _SENDERS.get(tag)
+    if cached is not None:
+        spec, sender = cached
+        if has_group(spec.key) and all(_wait([a.has_weight_group.remote(spec.key) for a in actors], names,
+                                             "weight group check", timeout_s, step)):
+            return sender
+        drop_group(spec.key)
+        del _SENDERS[tag]
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    spec, store = open_sender_group(tag, len(actors), backend, timeout_s)
+    joins = [a.join_weight_group.remote(spec, i + 1) for i, a in enumerate(actors)]
+    pg = finish_sender_group(spec, store)
+    _wait(joins, names, f"joining weight group {spec.key}", timeout_s, step)
+    sender = DistSender(spec.key, pg, f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
+    _SENDERS[tag] = (spec, sender)
+    return sender
+
+
+def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, digest, keep_staging) -> SyncStats:
     t0 = time.perf_counter()
     me = dist.get_rank()
     stats = SyncStats(version)
-    actors, error = [], None
+    actors, error, dist_sender = [], None, None
+    tag = f"{endpoints.namespace}_r{me}"  # stable per (namespace, rank): the next sync reuses slots and groups
+    transport, timeout_s = opts.transport, opts.timeout_s
     try:
         actors = endpoints.connect()
         transport = endpoints.transport_for_here() if transport == "auto" else transport
+        if transport == "torch_distributed":
+            dist_sender = _dist_sender(tag, actors, endpoints.names, timeout_s, step)
     except Exception as e:  # noqa: BLE001 - reported collectively below
-        error = f"rank {me}: cannot reach the engines: {e!r}"
+        error = f"rank {me}: cannot reach the engines: {e}"
+    stats.transport = transport
     inflight: list[list] = []
 
     def deliver(bucket) -> None:
@@ -283,9 +375,8 @@ def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s,
             _wait(inflight.pop(0), endpoints.names, f"receiving a bucket of version {version}", timeout_s, step)
         inflight.append([a.receive_bucket.remote(version, bucket) for a in actors])
 
-    # Stable per (namespace, rank): the next sync of this trainer reuses the same, already-mapped slots.
-    packer = BucketPacker(deliver, int(bucket_mb * 2**20), "shm" if transport == "auto" else transport,
-                          tag=f"{endpoints.namespace}_r{me}")
+    packer = BucketPacker(deliver, int(opts.bucket_mb * 2**20), transport if error is None else "shm", tag=tag,
+                          dist_sender=dist_sender)
     # Keep draining the collective even after a local failure, or the other ranks would wait forever.
     t_loop = time.perf_counter()
     for name, tensor in iter_hf_tensors(model, model_cfg):
@@ -304,6 +395,7 @@ def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s,
             error = f"rank {me}: {e}"
     stats.stream_s, stats.pack_s, stats.send_s = time.perf_counter() - t0, packer.pack_s, packer.send_s
     stats.convert_s = time.perf_counter() - t_loop - packer.pack_s - packer.send_s
+    packer.cleanup()  # also waits for broadcasts still in flight, so the group stays usable
     reports: list = [None] * dist.get_world_size()
     dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets, packer.ref_bytes))
     errors = [r[0] for r in reports if r[0]]
@@ -313,11 +405,10 @@ def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s,
     if me == 0:
         outcome[0] = _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest)
     dist.broadcast_object_list(outcome, src=0)
-    packer.cleanup()
     if not keep_staging:
         arena(packer.tag).release()
-    failure, summaries, probe_error = outcome[0]
-    stats.engines, stats.probe_error = summaries, probe_error
+    failure, summaries, probe_error, commit_s = outcome[0]
+    stats.engines, stats.probe_error, stats.commit_s = summaries, probe_error, commit_s
     stats.seconds = time.perf_counter() - t0
     if failure:
         raise failure
@@ -328,28 +419,28 @@ def _sync(model, model_cfg, endpoints, version, bucket_mb, transport, timeout_s,
 
 def _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest):
     """Rank 0: commit everywhere (or abort everywhere), then probe. Returns (exception or None, summaries,
-    probe error)."""
+    probe error, commit seconds)."""
     if errors:
         try:  # staged buckets are dropped anyway by the next version; waiting makes the outcome observable
             _wait([a.abort_update.remote(version) for a in actors], endpoints.names, "abort", timeout_s, step)
         except WeightSyncError as e:
             errors.append(str(e))
         return WeightSyncError(f"step {step}: sync of version {version} failed, engines keep their previous "
-                               f"version: " + "; ".join(errors)), {}, None
+                               f"version: " + "; ".join(errors)), {}, None, 0.0
     t = time.perf_counter()
     try:
         refs = [a.commit_update.remote(version, stats.tensors, digest) for a in actors]
         done = _wait(refs, endpoints.names, f"commit of version {version}", timeout_s, step)
     except WeightSyncError as e:
-        return e, {}, None
-    stats.commit_s = time.perf_counter() - t
+        return e, {}, None, 0.0
+    commit_s = time.perf_counter() - t
     summaries = dict(zip(endpoints.names, done))
     if probe is None:
-        return None, summaries, None
+        return None, summaries, None, commit_s
     try:
         refs = [a.score.remote(probe.sequences) for a in actors]
         scored = _wait(refs, endpoints.names, "probe scoring", timeout_s, step)
         worst = max(check_probe(lp, probe, name, version, step) for name, lp in zip(endpoints.names, scored))
     except Exception as e:  # noqa: BLE001 - LogprobMismatch or an engine failure, raised on every rank
-        return e, summaries, None
-    return None, summaries, worst
+        return e, summaries, None, commit_s
+    return None, summaries, worst, commit_s

@@ -32,9 +32,13 @@ class EchoEngine(RolloutEngine):
         return self._staging.receive(version, self._version, bucket)
 
     def commit_update(self, version, expected_tensors, digest=False):
-        self._staging.take(version, expected_tensors, self._version)
+        buckets = self._staging.take(version, expected_tensors, self._version)
+        # With `digest`, the applied tensors themselves come back (transport tests compare them).
+        applied = {n: t.clone() for b in buckets for n, t in b.open()} if digest else {}
+        for b in buckets:
+            b.release()
         self._version = version
-        return UpdateSummary(version, expected_tensors, 0, 0.0)
+        return UpdateSummary(version, expected_tensors, 0, 0.0, {"tensors": applied} if digest else {})
 
     def abort_update(self, version=None):
         self._staging.clear(version)

@@ -26,11 +26,15 @@ def build_from_hf(hf_dir: str, layout: dict, extra: list[str] = ()):
 
 def hf_tensors_at_layouts(cases: list[tuple[str, dict]]) -> list[dict[str, torch.Tensor]]:
     """What iter_hf_tensors yields on this rank (cloned) for each (hf_dir, layout), one process for all."""
+    from prism_mcore.parallel.shards import iter_local_shards
     from prism_mcore.rollout.weight_sync import iter_hf_tensors
 
     out = []
     for hf_dir, layout in cases:
         cfg, model = build_from_hf(hf_dir, layout)
+        # The public shard iterator hands out views of the live parameters, never copies.
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        assert all(s.data.untyped_storage().data_ptr() in params for s in iter_local_shards(model))
         out.append({name: t.clone() for name, t in iter_hf_tensors(model, cfg.model)})
     return out
 
@@ -146,3 +150,53 @@ def sync_zero_copy(hf_dir: str, layout: dict, endpoints, versions: list[int]):
     assert moved > 0
     out = [sync_weights(model, cfg.model, endpoints, v, bucket_mb=0.05, timeout_s=300, digest=True) for v in versions]
     return out if dist.get_rank() == 0 else None
+
+
+def sync_over_torch_distributed(hf_dir: str, layout: dict, endpoints, first_version: int, seqs: list[list[int]]):
+    """The same checkpoint synced over shm, then over torch_distributed (each trainer rank broadcasts its
+    buckets in a gloo group it shares with the engines); then a torch_distributed sync in which rank 1
+    fails midway (must be aborted everywhere), then a retry over the same groups. Rank 0 returns the
+    stats, the engines' scores after each good sync, the errors and the versions seen after the failure."""
+    import ray
+    import torch.distributed as dist
+
+    from prism_mcore.rollout import transport
+    from prism_mcore.rollout.weight_sync import WeightSyncError, sync_weights
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    actors = endpoints.connect()
+    me = dist.get_rank()
+
+    def scores():
+        return ray.get([a.score.remote(seqs) for a in actors], timeout=120) if me == 0 else None
+
+    v = first_version
+    out = {"shm": sync_weights(model, cfg.model, endpoints, v, bucket_mb=0.05, timeout_s=120, digest=True,
+                               transport="shm")}
+    out["shm_scores"] = scores()
+    out["dist"] = sync_weights(model, cfg.model, endpoints, v + 1, bucket_mb=0.05, timeout_s=120, digest=True,
+                               transport="torch_distributed")
+    out["dist_scores"] = scores()
+    original = transport.BucketPacker.add
+    if me == 1:
+        def add(self, name, tensor):
+            if self.tensors >= 6:
+                raise OSError("simulated sender failure")
+            return original(self, name, tensor)
+
+        transport.BucketPacker.add = add
+    try:
+        sync_weights(model, cfg.model, endpoints, v + 2, bucket_mb=0.01, timeout_s=120, transport="torch_distributed")
+        out["error"] = "no error"
+    except WeightSyncError as e:
+        out["error"] = str(e)
+    transport.BucketPacker.add = original
+    healths = ray.get([a.health.remote() for a in actors], timeout=60) if me == 0 else []
+    out["after_failure"] = [(h.weight_version, h.staged_version) for h in healths]
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, out["error"])
+    out["errors"] = errors
+    out["retry"] = sync_weights(model, cfg.model, endpoints, v + 2, bucket_mb=0.05, timeout_s=120, digest=True,
+                                transport="torch_distributed")
+    out["retry_scores"] = scores()
+    return out if me == 0 else None

@@ -119,3 +119,99 @@ def test_rollout_mismatch_metrics():
     assert m["tokens"] == 5 and math.isclose(m["max_abs"], 0.2, rel_tol=1e-6)
     assert math.isclose(m["mean_abs"], 0.4 / 5, rel_tol=1e-6) and m["kl_k3"] > 0
     assert rollout_mismatch(train, train, mask)["kl_k3"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_staleness_window_from_config_and_check(ray_cluster):
+    """rollout.max_staleness is the pool's default window; results outside it are named with both versions."""
+    import ray
+
+    from prism_mcore.rollout.engine import GenerationResult, StaleWeightsError
+    from prism_mcore.rollout.engine_pool import check_staleness
+
+    pool = echo_pool(ray_cluster, "echo3", max_staleness=1)
+    try:
+        for v in (1, 2):
+            ray.get(pool.actors[0].receive_bucket.remote(v, LocalBucket([("w", torch.ones(4))])))
+            ray.get(pool.actors[0].commit_update.remote(v, 1))
+        ray.get(pool.actors[1].receive_bucket.remote(1, LocalBucket([("w", torch.ones(4))])))
+        ray.get(pool.actors[1].commit_update.remote(1, 1))
+        ps = [Prompt([k]) for k in range(4)]
+        res = pool.generate(ps, SamplingParams(), step=2)  # policy 2, engine 1 at 1: inside the window
+        assert {r.engine_id for r in res} == {0, 1}
+        res = pool.generate(ps, SamplingParams(), step=2, max_staleness=0)  # strictly on-policy: engine 0
+        assert {(r.engine_id, r.weight_version) for r in res} == {(0, 2)}
+        with pytest.raises(EngineError, match=r"no engine holds weight version 4 \(max staleness 1\): "
+                                              r"prism-engine-0=2, prism-engine-1=1"):
+            pool.generate(ps, SamplingParams(), step=4, version=4)
+        # Rollouts kept for a later, newer policy are checked again before training on them.
+        check_staleness(res, policy_version=3, max_staleness=1)
+        with pytest.raises(StaleWeightsError, match=r"step 9: rollout from prism-engine-1 was sampled with weight "
+                                                    r"version 1, but the policy is at version 3 and "
+                                                    r"max_staleness=1 allows only 2..3"):
+            check_staleness([GenerationResult([], 1, 1)], 3, 1, step=9, names=pool.names)
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_torch_distributed_buckets_to_fake_engines(ray_cluster):
+    """Buckets broadcast over a gloo group shared with two engine actors arrive bit-exact (incl. bf16 and an
+    oversize tensor); the group is reused by the next sync; a bucket an engine rejects does not hang the
+    broadcast, and the group still works afterwards."""
+    import ray
+
+    from prism_mcore.rollout.weight_sync import _dist_sender, _wait
+
+    tensors = {f"t{i}": torch.randn(1000 * (i + 1)) for i in range(5)}
+    tensors["big"] = torch.randn(50_000)
+    tensors["bf16"] = torch.randn(7, 3).to(torch.bfloat16)
+    schema = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
+    cfg = rollout_config(timeout_s=60)
+    pool = EnginePool("unused", cfg, {"schema": schema}, namespace="echo_dist", engine_cls=ECHO).start()
+    try:
+        sender = _dist_sender("echo_dist_r0", pool.actors, pool.names, 60, 0)
+        assert _dist_sender("echo_dist_r0", pool.actors, pool.names, 60, 0) is sender  # reused
+
+        def sync(version, pairs):
+            refs = []
+            packer = BucketPacker(lambda b: refs.append([a.receive_bucket.remote(version, b) for a in pool.actors]),
+                                  12_000, "torch_distributed", "echo_dist", dist_sender=sender)
+            for n, t in pairs:
+                packer.add(n, t)
+            packer.flush()
+            for r in refs:
+                _wait(r, pool.names, "receive", 60, version)
+            return packer
+
+        for version in (1, 2):
+            packer = sync(version, [(n, t + version) for n, t in tensors.items()])
+            assert packer.buckets >= 5
+            for summary in ray.get([a.commit_update.remote(version, len(tensors), True) for a in pool.actors]):
+                got = summary.extra["tensors"]
+                assert all(torch.equal(got[n], t + version) for n, t in tensors.items())
+        from prism_mcore.rollout.weight_sync import WeightSyncError
+
+        with pytest.raises(WeightSyncError, match=r"t0 has shape \(7,\), the model expects \(1000,\)"):
+            sync(3, [("t0", torch.zeros(7))])
+        sync(3, list(tensors.items()))
+        for summary in ray.get([a.commit_update.remote(3, len(tensors), True) for a in pool.actors]):
+            assert torch.equal(summary.extra["tensors"]["big"], tensors["big"])
+    finally:
+        pool.shutdown()
+
+
+def test_sync_options_resolution():
+    from prism_mcore.rollout.probe import Probe
+    from prism_mcore.rollout.weight_sync import _options, probe_due
+
+    probe = Probe([[1, 2]], [[-1.0]])
+    assert _options(None, None).__dict__ == dict(bucket_mb=512, transport="auto", timeout_s=600.0, zero_copy=False,
+                                                 probe_every=0)
+    assert _options(None, probe).probe_every == 1  # an explicit probe without a config: every sync, as before
+    cfg = rollout_config(transport="torch_distributed", weight_bucket_mb=64, probe_every=3, timeout_s=30)
+    opts = _options(cfg, probe, bucket_mb=8)
+    assert (opts.bucket_mb, opts.transport, opts.timeout_s, opts.probe_every) == (8, "torch_distributed", 30, 3)
+    assert [v for v in range(1, 10) if probe_due(v, 3)] == [3, 6, 9] and not probe_due(3, 0)
+    with pytest.raises(ValueError, match="unknown weight transport"):
+        _options(None, None, transport="nccl")

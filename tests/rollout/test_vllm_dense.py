@@ -16,7 +16,8 @@ from prism_mcore.rollout.probe import relative_error
 from prism_mcore.rollout.transport import LocalBucket
 from prism_mcore.rollout.vllm_engine import tensor_digest
 from rollout_models import prompts, write_tiny_hf
-from sync_jobs import sync_checkpoint, sync_failing_midway, sync_zero_copy, train_sync_decode
+from sync_jobs import (sync_checkpoint, sync_failing_midway, sync_over_torch_distributed, sync_zero_copy,
+                       train_sync_decode)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -180,3 +181,28 @@ def test_killed_engine_mid_generation_batch_completes(setup):
     assert healths[1].pid != victim.pid and healths[1].weight_version == 0
     pool.generate([Prompt(p) for p in ps[:2]], GREEDY, step=8)
     assert set(pool.last_stats.prompts_per_engine) == {0}
+
+
+@pytest.mark.timeout(300)
+def test_torch_distributed_transport_matches_shm(setup, ranks):
+    """TP2: both trainer ranks send, each over its own gloo group with the two engines. The engines apply
+    bit for bit what the shm transport gives them; a sync that fails on rank 1 after buckets were broadcast
+    is aborted everywhere (engines keep the previous version, nothing staged), and the groups still work."""
+    root, pool = setup
+    other = str(root / "hf_other")
+    seqs = [p + [7, 8, 9] for p in prompts(2)]
+    t0 = time.monotonic()
+    out = ranks(sync_over_torch_distributed, 2, other, {"tp": 2}, pool.endpoints, 30, seqs, timeout=240)[0]
+    elapsed = time.monotonic() - t0
+    expected = {k: tensor_digest(v) for k, v in load_file(f"{other}/model.safetensors").items()}
+    assert out["dist"].transport == "torch_distributed" and out["shm"].transport == "shm"
+    assert out["dist"].bytes == out["shm"].bytes and out["dist"].buckets > 2
+    for key in ("shm", "dist", "retry"):
+        for name in pool.names:
+            assert out[key].engines[name].extra["digests"] == expected, (key, name)
+    assert out["dist_scores"] == out["shm_scores"] == out["retry_scores"]  # same weights, bitwise
+    for e in out["errors"]:
+        assert "version 32 failed" in e and "rank 1" in e and "simulated sender failure" in e
+    assert out["after_failure"] == [(31, None), (31, None)]
+    assert [h.weight_version for h in pool.health()] == [32, 32]
+    print(f"torch_distributed transport test: {elapsed:.1f}s for 4 syncs incl. the 2-rank spawn")
