@@ -25,7 +25,30 @@ def _shard_table(model):
     return {s.key + str(s.global_offset): (s.global_shape, s.data) for s in local_shards(model)}
 
 
-def grouped_vs_sequential(layout: dict, ckpt_dir: str | None = None, seed: int = 0):
+def _discriminators(seq_cfg, grp_cfg, seed: int):
+    """The discriminator (value head on the MoE backbone) with each backend: token scores of a left-padded
+    batch and the gradients of their masked sum."""
+    from prism_mcore.models.discriminator import build_discriminator
+
+    seq = build_discriminator(seq_cfg.model, seq_cfg.parallel, seed=7).eval()
+    grp = build_discriminator(grp_cfg.model, grp_cfg.parallel, seed=7).eval()
+    grp.load_state_dict(seq.state_dict())
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, seq_cfg.model.vocab_size, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :2] = 0
+    out = {}
+    for name, model in (("seq", seq), ("grp", grp)):
+        scores = model(ids, mask)
+        (scores * mask).sum().backward()
+        out[name] = {"scores": scores.detach().clone(),
+                     "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return out
+
+
+def grouped_vs_sequential(layout: dict, ckpt_dir: str | None = None, seed: int = 0,
+                          with_discriminator: bool = False):
     """Build both backends at `layout`; the grouped model gets the sequential model's weights, either by
     `load_state_dict` or (ckpt_dir) through a Megatron dist checkpoint saved by the sequential model.
     Returns what the test compares; asserts the sharded layouts (checkpoint / HF / weight-sync keys) agree."""
@@ -64,6 +87,7 @@ def grouped_vs_sequential(layout: dict, ckpt_dir: str | None = None, seed: int =
     seq_logits, seq_grads = _run(seq, tokens, labels)
     grp_logits, grp_grads = _run(grp, tokens, labels)
     expert_grads = [n for n in grp_grads if ".local_experts." in n]
-    return {"seq_logits": seq_logits, "grp_logits": grp_logits, "seq_grads": seq_grads, "grp_grads": grp_grads,
+    disc = _discriminators(seq_cfg, grp_cfg, seed) if with_discriminator else None
+    return {"discriminator": disc, "seq_logits": seq_logits, "grp_logits": grp_logits, "seq_grads": seq_grads, "grp_grads": grp_grads,
             "local_experts": experts.num_local_experts, "expert_grads": expert_grads,
             "fc1_shape": tuple(experts.local_experts[0].linear_fc1.weight.shape)}

@@ -22,18 +22,24 @@ def _close(got, want, what):
 @pytest.mark.parametrize("name,layout,world,local,fc1_rows", LAYOUTS, ids=[c[0] for c in LAYOUTS])
 def test_grouped_matches_sequential(name, layout, world, local, fc1_rows, ranks, tmp_path):
     """Same logits and the same gradient for every parameter (experts, router, attention, embeddings), float32;
-    at EP2 the grouped model's weights come from a dist checkpoint the sequential model saved."""
+    at EP2 the weights come from a dist checkpoint the sequential model saved; at EP1 the discriminator too."""
     ckpt = None
     if name == "ep2":
         (tmp_path / "ckpt").mkdir()
         ckpt = str(tmp_path / "ckpt")
-    for out in ranks(grouped_vs_sequential, world, layout, ckpt, timeout=240):
+    for out in ranks(grouped_vs_sequential, world, layout, ckpt, with_discriminator=name == "ep1", timeout=240):
         assert out["local_experts"] == local and out["fc1_shape"] == (fc1_rows, 64)
         _close(out["grp_logits"], out["seq_logits"], "logits")
         assert out["seq_grads"].keys() == out["grp_grads"].keys()
         assert len(out["expert_grads"]) == 2 * 2 * local  # fc1 and fc2 of every local expert, 2 layers
         for n, want in out["seq_grads"].items():
             _close(out["grp_grads"][n], want, f"grad {n}")
+        if out["discriminator"] is not None:  # the discriminator builds on build_qwen3: same scores and grads
+            seq, grp = out["discriminator"]["seq"], out["discriminator"]["grp"]
+            _close(grp["scores"], seq["scores"], "discriminator scores")
+            assert seq["grads"].keys() == grp["grads"].keys() and any("local_experts" in n for n in seq["grads"])
+            for n, want in seq["grads"].items():
+                _close(grp["grads"][n], want, f"discriminator grad {n}")
 
 
 @pytest.mark.timeout(300)
