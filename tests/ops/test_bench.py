@@ -47,3 +47,20 @@ def test_isolated_case_and_ceiling(tmp_path):
 def test_unknown_op_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["softmax"])
+
+
+def test_expert_layer_bench_rows(tmp_path):
+    """`--modes layer-fwd,layer-fwdbwd`: Megatron's SequentialMLP vs our grouped experts. In a subprocess, since
+    building the layer joins a world-1 process group and Megatron's parallel state."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "prism_mcore.bench", "grouped-gemm", "--quick", "--in-process",
+                           "--reps", "1", "--modes", "layer-fwd,layer-fwdbwd", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("sequential", "grouped")
+                                                      for m in ("layer-fwd", "layer-fwdbwd")}
+    assert all(REQUIRED <= r.keys() and r["median_s"] > 0 and r["tflops"] > 0 for r in rows)
