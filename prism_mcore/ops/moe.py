@@ -7,6 +7,9 @@ Layout conventions (shared by every backend):
     exactly what `torch._grouped_mm` takes. Nothing here reads offsets on the host in the triton path.
   * `grouped_gemm(x_sorted[M, K], w[E, K, N], offsets)` multiplies the rows of group e by w[e]; rows at or past
     offsets[-1] come out as zeros.
+  * `grouped_linear(x_sorted[M, K], [w_e [N, K] for each expert], offsets)` is the same product in nn.Linear's
+    layout over a list of per-expert weights (Megatron's experts, see models/qwen3/grouped_experts.py); the
+    stack is built inside the op and not kept for backward.
 """
 from __future__ import annotations
 
