@@ -18,13 +18,21 @@ def _validate(args: argparse.Namespace) -> int:
     m = cfg.model
     kind = f"MoE {m.num_experts}x top-{m.num_experts_per_tok}" if m.is_moe else "dense"
     print(f"{args.config}: ok ({m.num_hidden_layers} layers, hidden {m.hidden_size}, {kind}; {layout})")
+    from prism_mcore.config.memory import GiB, estimate_memory
+
+    estimate = estimate_memory(cfg, gpu_gib=args.gpu_memory_gib)
+    print(estimate.table(args.gpu_memory_gib))
+    if not estimate.fits(args.gpu_memory_gib):
+        print(f"{args.config}: estimated peak {estimate.peak / GiB:.1f} GiB per GPU exceeds --gpu-memory-gib="
+              f"{args.gpu_memory_gib:g}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from prism_mcore.trainer.demo import DEFAULT_CONFIG, run_demo
+    from prism_mcore.trainer.demo import run_demo
 
-    return run_demo(load_config(args.config or DEFAULT_CONFIG, args.overrides))
+    return run_demo(args.out, args.overrides, quick=args.quick)
 
 
 # Subcommands that own their argument parsing: `prism NAME ...` -> module.main(argv).
@@ -50,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config file (and overrides) without running anything")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="device memory the per-GPU estimate must fit (exit 1 when it does not)")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("train", help="run one training stage (trainer.stage) from a config")
@@ -57,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("demo", help="the embedded CPU demo (what `make demo` runs)")
-    p.add_argument("--config", default=None, help="defaults to configs/demo/demo.yaml")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("demo", help="the embedded CPU demo (what `make demo` runs): SFT -> warm-up -> PRISM "
+                       "align -> GRPO vs SFT -> GRPO, with configs/demo/*.yaml")
+    p.add_argument("--out", default="outputs/demo", help="output directory (finished stages are reused)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
+    p.add_argument("overrides", nargs="*", help="STAGE.key=value, STAGE in sft, disc_warmup, align, grpo, "
+                   "baseline, all; e.g. sft.trainer.steps=50")
     p.set_defaults(func=_demo)
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -65,27 +65,43 @@ def _unwrap_ddp(model):
     return model.module if hasattr(model, "ddp_config") else model
 
 
-def _sharded_state(models: list, optimizer, with_rng: bool, loading: bool) -> dict[str, Any]:
+Parts = dict[str, tuple[list, Any]]  # key prefix -> (models, optimizer or None); "" = one unprefixed model set
+
+
+def as_parts(models: list | None, optimizer=None, parts: Parts | None = None) -> Parts:
+    """One model set (the single-model stages' checkpoints) or several named ones (align: policy and
+    discriminator, each with its own optimizer). Names prefix every sharded key, so two GPT models
+    with the same parameter names share one checkpoint directory, saved and renamed atomically."""
+    if parts is not None:
+        return parts
+    return {"": (models or [], optimizer)}
+
+
+def _sharded_state(parts: Parts, with_optimizer: bool, with_rng: bool, loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
-    for i, model in enumerate(models):
-        state[f"model{i}"] = _unwrap_ddp(model).sharded_state_dict()
-    if optimizer is not None:
+    for prefix, (models, optimizer) in parts.items():
         model_state = {}
-        for i in range(len(models)):
-            model_state.update(state[f"model{i}"])
-        # fully_reshardable: optimizer state saved per parameter in its canonical shape, so it loads
-        # at another TP/PP/DP layout (the other 0.16.1 formats reshard only along DP).
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        for i, model in enumerate(models):
+            shard = _unwrap_ddp(model).sharded_state_dict(prefix=prefix) if prefix else \
+                _unwrap_ddp(model).sharded_state_dict()
+            state[f"{prefix}model{i}"] = shard
+            model_state.update(shard)
+        if optimizer is not None and with_optimizer:
+            # fully_reshardable: optimizer state saved per parameter in its canonical shape, so it loads
+            # at another TP/PP/DP layout (the other 0.16.1 formats reshard only along DP).
+            state[f"{prefix}optimizer"] = optimizer.sharded_state_dict(
+                model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
         state["rng"] = _rng_object()
     return state
 
 
-def save_checkpoint(root: str | Path, step: int, models: list, optimizer=None, meta: dict | None = None) -> Path:
+def save_checkpoint(root: str | Path, step: int, models: list | None = None, optimizer=None, meta: dict | None = None,
+                    parts: Parts | None = None) -> Path:
     """Collective: every rank calls it. Returns the final step directory."""
     from megatron.core import dist_checkpointing
 
+    parts = as_parts(models, optimizer, parts)
     root = Path(root)
     final, partial = step_dir(root, step), root / f".step_{step:08d}.partial"
     if dist.get_rank() == 0:
@@ -93,10 +109,12 @@ def save_checkpoint(root: str | Path, step: int, models: list, optimizer=None, m
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(models, optimizer, with_rng=True, loading=False), str(partial))
+    dist_checkpointing.save(_sharded_state(parts, with_optimizer=True, with_rng=True, loading=False), str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
-        body = {"step": step, "layout": _layout(), "has_optimizer": optimizer is not None, **(meta or {})}
+        has_optimizer = all(opt is not None for _, opt in parts.values())
+        body = {"step": step, "layout": _layout(), "has_optimizer": has_optimizer, "parts": sorted(parts),
+                **(meta or {})}
         _write_atomic(partial / META, json.dumps(body, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -106,22 +124,31 @@ def save_checkpoint(root: str | Path, step: int, models: list, optimizer=None, m
     return final
 
 
-def load_checkpoint(path: str | Path, models: list, optimizer=None) -> dict:
-    """Collective. Loads into the given (already built) models/optimizer; returns the saved metadata."""
+def load_checkpoint(path: str | Path, models: list | None = None, optimizer=None, parts: Parts | None = None) -> dict:
+    """Collective. Loads into the given (already built) models/optimizers; returns the saved metadata."""
     from megatron.core import dist_checkpointing
 
+    parts = as_parts(models, optimizer, parts)
     path = Path(path)
     meta = json.loads((path / META).read_text())
+    saved_parts = meta.get("parts", [""])
+    if sorted(parts) != sorted(saved_parts):
+        raise ValueError(f"{path}: holds models {saved_parts}, asked to load {sorted(parts)}")
     same_layout = meta["layout"] == _layout()
-    if optimizer is not None and meta["has_optimizer"]:
-        _materialize_optimizer_state(optimizer)
+    with_optimizer = meta["has_optimizer"]
+    for _, optimizer_ in parts.values():
+        if optimizer_ is not None and with_optimizer:
+            _materialize_optimizer_state(optimizer_)
     state = dist_checkpointing.load(
-        _sharded_state(models, optimizer if meta["has_optimizer"] else None, with_rng=same_layout, loading=True),
-        str(path))
-    for i, model in enumerate(models):
-        _unwrap_ddp(model).load_state_dict(state[f"model{i}"])
-    if optimizer is not None and meta["has_optimizer"]:
-        optimizer.load_state_dict(state["optimizer"])
+        _sharded_state(parts, with_optimizer=with_optimizer, with_rng=same_layout, loading=True), str(path))
+    for prefix, (models_, optimizer_) in parts.items():
+        for i, model in enumerate(models_):
+            loaded = state[f"{prefix}model{i}"]
+            if prefix:
+                loaded = {k.removeprefix(prefix): v for k, v in loaded.items()}
+            _unwrap_ddp(model).load_state_dict(loaded)
+        if optimizer_ is not None and with_optimizer:
+            optimizer_.load_state_dict(state[f"{prefix}optimizer"])
     if same_layout:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

@@ -85,6 +85,12 @@ def build_config(tree: dict[str, Any]) -> PrismConfig:
             tree = {**tree, "model": fill_from_hf(tree["model"])}
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"config error: model.hf_path: {e}") from None
+    disc = tree.get("discriminator")
+    try:
+        if isinstance(disc, dict) and isinstance(disc.get("model"), dict):
+            tree = {**tree, "discriminator": {**disc, "model": fill_from_hf(disc["model"])}}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"config error: discriminator.model.hf_path: {e}") from None
     try:
         return PrismConfig.model_validate(tree)
     except ValidationError as e:

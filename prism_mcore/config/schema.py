@@ -128,6 +128,30 @@ class AlgorithmConfig(_Section):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
+    # PRISM alignment (spec section 3): A = a * A_perception + (1 - a) * A_reasoning - format_penalty * (1 - F)
+    caption_weight: float = Field(0.5, ge=0, le=1, description="alpha: weight of the perception advantage")
+    format_penalty: float = Field(1.5, ge=0, description="lambda_fmt, subtracted from malformed rollouts")
+    gate_by_format: bool = Field(False, description="multiply the alignment term by F (the paper's docstring form)")
+    score_clip: float = Field(10.0, gt=0, description="discriminator scores are clipped to +-score_clip")
+    score_clip_mode: Literal["hard", "tanh", "none"] = "hard"
+    score_reg_coef: float = Field(1e-3, ge=0, description="weight of the mean squared score in the D loss")
+    # DAPO (spec section 4.3); None = on for algorithm.name=dapo, off otherwise
+    dynamic_sampling: bool | None = Field(None, description="keep only prompt groups whose accuracy varies")
+    gen_batch_size: int | None = Field(None, gt=0, description="prompts per generation batch; default 3x the "
+                                       "global batch with dynamic sampling (the original's 96 for 32)")
+    max_gen_batches: int = Field(10, ge=0, description="generation batches per step before training on what "
+                                 "was kept (0 = unlimited)")
+    overlong_buffer: int | None = Field(None, ge=0, description="tokens before rollout.max_tokens where the "
+                                        "overlong penalty starts; None = max_tokens/2 for dapo, 0 = off")
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+
+    def dynamic_sampling_on(self) -> bool:
+        return self.name == "dapo" if self.dynamic_sampling is None else self.dynamic_sampling
+
+    def overlong_buffer_tokens(self, max_tokens: int) -> int:
+        if self.overlong_buffer is None:
+            return max_tokens // 2 if self.name == "dapo" else 0
+        return self.overlong_buffer
 
 
 class TrainerConfig(_Section):
@@ -138,6 +162,23 @@ class TrainerConfig(_Section):
     save_interval: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
     log_interval: int = Field(1, ge=1)
     export_hf: bool = Field(True, description="write the trained model as an HF checkpoint to OUTPUT_DIR/hf")
+    eval_interval: int = Field(0, ge=0, description="greedy accuracy/format on data.val_files every N steps, "
+                               "at the start and at the end (rollout stages); 0 = only start and end")
+    eval_max_prompts: int = Field(64, gt=0, description="held-out prompts per evaluation")
+    eval_at_start: bool = Field(True, description="evaluate the starting weights before the first step")
+
+
+class DiscriminatorConfig(_Section):
+    """The align stage's second Megatron model: an upcycled MoE discriminator with its own model, layout
+    and optimizer. Both models live on the same ranks, so tensor / pipeline / context parallel sizes
+    must match the policy's; expert parallelism and sequence parallelism are its own."""
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(num_experts=4, num_experts_per_tok=2))
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    aux_loss_coef: float = Field(0.0, ge=0, description="MoE load-balancing loss weight during align (the "
+                                 "original uses none in this stage; warm-up uses model.router_aux_loss_coef)")
 
 
 class PrismConfig(_Section):
@@ -148,6 +189,7 @@ class PrismConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    discriminator: DiscriminatorConfig | None = Field(None, description="align stage only")
 
     @model_validator(mode="after")
     def _check_layout(self) -> "PrismConfig":
@@ -196,4 +238,28 @@ def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str
                        f"the dense layers and spread over the data-parallel ranks; world_size >= tp*pp*ep)")
     if m.vocab_size <= 0:
         out.append("model.vocab_size must be positive")
+    if cfg.trainer.stage == "align":
+        out += _discriminator_problems(cfg, ws)
+    return out
+
+
+def _discriminator_problems(cfg: PrismConfig, world_size: int | None) -> list[str]:
+    d = cfg.discriminator
+    if d is None:
+        return ["discriminator: the align stage needs a discriminator section (model, parallel, optim)"]
+    out = []
+    for key in ("tp", "pp", "cp"):
+        if getattr(d.parallel, key) != getattr(cfg.parallel, key):
+            out.append(f"discriminator.parallel.{key}={getattr(d.parallel, key)} must equal parallel.{key}="
+                       f"{getattr(cfg.parallel, key)} (both models share the ranks' tensor/pipeline/context groups)")
+    if cfg.model.is_moe and d.model.is_moe and d.parallel.ep != cfg.parallel.ep:
+        out.append(f"discriminator.parallel.ep={d.parallel.ep} must equal parallel.ep={cfg.parallel.ep} "
+                   f"when both models are MoE (one set of expert groups)")
+    if d.model.vocab_size != cfg.model.vocab_size and d.model.hf_path is None:
+        out.append(f"discriminator.model.vocab_size={d.model.vocab_size} must equal model.vocab_size="
+                   f"{cfg.model.vocab_size} (both read the policy's token ids)")
+    probe = PrismConfig.model_construct(model=d.model, parallel=d.parallel.model_copy(
+        update={"world_size": d.parallel.world_size or world_size or cfg.parallel.world_size}),
+        trainer=TrainerConfig.model_construct(stage="disc-warmup"))
+    out += [f"discriminator.{p}" for p in layout_problems(probe, world_size)]
     return out

@@ -156,11 +156,17 @@ class ReplicatedDropout(torch.nn.Module):
         self.p, self.seed = p, seed
         self._generator: torch.Generator | None = None
 
+    def reseed(self, step: int) -> None:
+        """Masks as a function of (seed, step), so a run resumed at a step draws what it would have drawn."""
+        self._step, self._generator = step, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self._generator is None or self._generator.device != x.device:
-            self._generator = torch.Generator(x.device).manual_seed(self.seed)
+            step = getattr(self, "_step", None)
+            seed = self.seed if step is None else self.seed * 1_000_003 + step
+            self._generator = torch.Generator(x.device).manual_seed(seed)
         keep = torch.rand(x.shape, generator=self._generator, device=x.device) >= self.p
         return x * keep / (1 - self.p)
 
@@ -238,6 +244,13 @@ class Discriminator(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 packed_seq_lengths: PackedLengths = None) -> torch.Tensor:
         seg = segment_ids(tuple(input_ids.shape), attention_mask, packed_seq_lengths, device=input_ids.device)
+        length = input_ids.shape[1]
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and length % tp:
+            # SP splits the sequence over TP ranks: right-pad with segment 0 (padding), sliced off below
+            extra_cols = tp - length % tp
+            input_ids = F.pad(input_ids, (0, extra_cols))
+            seg = F.pad(seg, (0, extra_cols))
         positions, mask = positions_and_mask(seg)
         extra = {}
         if self.config.num_moe_experts:
@@ -251,7 +264,7 @@ class Discriminator(torch.nn.Module):
         if not self.post_process:
             return out  # hidden states for the next pipeline stage
         hidden = self.head_dropout(out.float())  # [b, s, h]; fp32 even when the backbone runs in bf16
-        return F.linear(hidden, self.value_head.weight.float()).squeeze(-1)
+        return F.linear(hidden, self.value_head.weight.float()).squeeze(-1)[:, :length]
 
     def _padding_mask(self, pads: torch.Tensor) -> torch.Tensor:
         # GPTModel splits the padding mask along the sequence for SP only on the first stage.
@@ -269,8 +282,7 @@ class Discriminator(torch.nn.Module):
         state = MegatronModule.sharded_state_dict(self.backbone, prefix, sharded_offsets, metadata)
         # Checkpoint keys stay those of a plain GPTModel; the dict keys follow this module's structure
         # so that `load_state_dict` on the loaded dict finds them.
-        state = {f"backbone.{k}" if k.startswith(prefix) else k: v for k, v in state.items()} if not prefix \
-            else state
+        state = {f"{prefix}backbone.{k[len(prefix):]}" if k.startswith(prefix) else k: v for k, v in state.items()}
         if self.value_head is not None:
             from megatron.core import parallel_state as ps
             from megatron.core.dist_checkpointing.mapping import ShardedTensor

@@ -11,6 +11,12 @@ _EXPECTED_WARNINGS = [
 ]
 
 
+def quiet_expected_warnings() -> None:
+    """Silence the warnings a machine without TE/apex/CUDA always prints (they carry no information)."""
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def ensure_platform() -> None:
     """Make Megatron-core usable on this machine (CPU shims when CUDA is absent); idempotent."""
     import torch
@@ -18,6 +24,5 @@ def ensure_platform() -> None:
     from prism_mcore.platform import cpu_compat
 
     if not torch.cuda.is_available():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+        quiet_expected_warnings()
     cpu_compat.install()

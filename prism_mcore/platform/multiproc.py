@@ -70,7 +70,7 @@ def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results
 
 
 # Imported once by the fork server, so a new rank starts in ~0.1 s instead of re-importing these (~8 s).
-_PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "transformers",
+_PRELOAD = ["prism_mcore.platform.quiet", "torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "transformers",
             "prism_mcore.platform.distributed"]
 
 

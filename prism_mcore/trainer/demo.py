@@ -1,118 +1,121 @@
-"""The embedded CPU demo: a tiny Qwen3 policy, tensor-parallel over 2 gloo ranks, trained for a few
-AdamW steps on a tiny batch of chat text tokenized with the real Qwen3 tokenizer. Its loss falls.
+"""The embedded CPU demo (`make demo`): the whole PRISM recipe on a tiny Qwen3 policy, from nothing.
+
+  data     synthetic verifiable problems, teacher demonstrations, warm-up pairs, RL and held-out sets
+  sft      tiny policy (real Qwen3 vocabulary) <- teacher demonstrations             TP2
+  warm-up  SFT policy --upcycle--> 4-expert MoE discriminator, pairwise Bradley-Terry  TP2 + SP
+  align    PRISM: policy vs discriminator, rollouts from a vLLM engine              TP2 + TP2/SP
+  grpo     verifiable reward, from the aligned policy          (PRISM arm)
+  baseline verifiable reward, from the SFT policy, align + grpo steps (same budget)
+Each stage is one `prism train` run of `configs/demo/<stage>.yaml`; a stage whose output is complete is
+skipped on a re-run. The report (table + PNG) is built from the stages' metrics.jsonl files.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from prism_mcore.config import PrismConfig
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "demo.yaml"
-
-DEMO_CHATS = [
-    [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42."}],
-    [{"role": "user", "content": "Name the capital of France."}, {"role": "assistant", "content": "Paris."}],
-    [{"role": "user", "content": "Describe the image."},
-     {"role": "assistant", "content": "<caption>A red square above a blue circle.</caption>"}],
-    [{"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": "Yes, 7 is prime."}],
-]
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
-def demo_batch(seq_len: int = 32) -> dict[str, torch.Tensor]:
-    """Token ids, next-token labels and a loss mask (1 on real tokens) for DEMO_CHATS."""
-    from prism_mcore.data.tokenizer import qwen3_tokenizer
+@dataclass
+class DemoPlan:
+    out: Path
+    num_sft: int = 2000
+    num_pairs: int = 256
+    num_rl: int = 512
+    num_val: int = 64
+    difficulty: int = 1
+    # "STAGE.key=value" overrides (STAGE: sft, disc_warmup, align, grpo, baseline, or all)
+    overrides: list[str] = field(default_factory=list)
 
-    tok = qwen3_tokenizer()
-    rows = [tok.apply_chat_template(chat, tokenize=True, return_dict=False) for chat in DEMO_CHATS]
-    rows = [list(r["input_ids"] if isinstance(r, dict) else r)[: seq_len + 1] for r in rows]
-    tokens = torch.full((len(rows), seq_len + 1), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), seq_len, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r) - 1] = 1.0
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": mask}
-
-
-def _forward_step(batch: dict[str, torch.Tensor], model):
-    b, s = batch["tokens"].shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    per_token = model(batch["tokens"], positions, None, labels=batch["labels"])  # [b, s] cross-entropy
-
-    def loss_fn(output: torch.Tensor):
-        loss = (output.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-        return loss, {"loss": loss.detach().clone()}
-
-    return per_token, loss_fn
+    def stage_overrides(self, stage: str) -> list[str]:
+        picked = []
+        for o in self.overrides:
+            head, _, rest = o.partition(".")
+            inherited = head == "grpo" and stage == "baseline" and not rest.startswith("trainer.steps=")
+            if head in (stage, "all") or inherited:  # the baseline's steps are align + grpo steps
+                picked.append(rest)
+        return picked
 
 
-def demo_rank(cfg_tree: dict) -> list[dict]:
-    """Runs on every rank; returns the per-step metrics (identical on all ranks)."""
-    import torch.distributed as dist
+def write_data(plan: DemoPlan) -> dict[str, Path]:
+    """Disjoint seeds: the held-out problems are never trained on (identical questions can still recur,
+    the task has a finite number of them at difficulty 1)."""
+    from prism_mcore.data.synthetic import make_problems, write_rl_parquet, write_sft_jsonl, write_warmup_jsonl
 
-    from prism_mcore.models.qwen3.model import build_qwen3
-    from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.trainer.megatron_step import build_optimizer, lr_at, train_step, wrap_ddp
-
-    cfg = PrismConfig.model_validate(cfg_tree)
-    init_model_parallel(cfg)
-    model = wrap_ddp(build_qwen3(cfg.model, cfg.parallel))
-    optimizer = build_optimizer([model], cfg.optim)
-    batch = demo_batch()
-    rank0 = dist.get_rank() == 0
-    history = []
-    progress = _progress() if rank0 else None
-    task = progress.add_task("demo: TP=2 Qwen3 AdamW", total=cfg.trainer.steps) if progress else None
-    for step in range(cfg.trainer.steps):
-        t0 = time.perf_counter()
-        result = train_step([model], optimizer, _forward_step, [batch], num_microbatches=1,
-                            seq_length=batch["tokens"].shape[1], micro_batch_size=batch["tokens"].shape[0],
-                            lr=lr_at(step, cfg.trainer.steps, cfg.optim))
-        loss = torch.tensor(result.losses[-1]["loss"] if result.losses else 0.0)
-        dist.broadcast(loss, src=dist.get_world_size() - 1)  # the last pipeline stage owns the loss
-        row = {"step": step, "loss": loss.item(), "grad_norm": result.grad_norm,
-               "lr": lr_at(step, cfg.trainer.steps, cfg.optim), "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if progress:
-            progress.update(task, advance=1, description=f"demo: step {step} loss {row['loss']:.3f}")
-    if progress:
-        progress.stop()
-    return history
+    d = plan.out / "data"
+    files = {"sft": d / "sft.jsonl", "pairs": d / "warmup_pairwise.jsonl", "rl": d / "rl.parquet",
+             "val": d / "val.parquet"}
+    if all(f.exists() for f in files.values()):
+        return files
+    write_sft_jsonl(make_problems(plan.num_sft, seed=10, difficulty=plan.difficulty), files["sft"])
+    write_warmup_jsonl(make_problems(plan.num_pairs, seed=11, difficulty=plan.difficulty), files["pairs"], seed=12)
+    write_rl_parquet(make_problems(plan.num_rl, seed=13, difficulty=plan.difficulty), files["rl"])
+    write_rl_parquet(make_problems(plan.num_val, seed=99, difficulty=plan.difficulty), files["val"], with_teacher=False)
+    return files
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _stage(plan: DemoPlan, name: str, config: str, overrides: list[str], console) -> Path:
+    """One `prism train` run in OUT/<name>; skipped when its HF export already exists."""
+    from prism_mcore.config import load_config
+    from prism_mcore.trainer.train import train
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    progress.start()
-    return progress
+    out = plan.out / name
+    if (out / "hf" / "config.json").exists():
+        console.print(f"[dim]{name}: done already ({out / 'hf'})[/dim]")
+        return out
+    cfg = load_config(CONFIG_DIR / config, [f"trainer.output_dir={out}", *overrides, *plan.stage_overrides(name)])
+    console.rule(f"{name}: {cfg.trainer.stage}, {cfg.trainer.steps} steps")
+    t0 = time.monotonic()
+    train(cfg)
+    (out / "stage_seconds.json").write_text(json.dumps({"seconds": time.monotonic() - t0}))
+    return out
 
 
-def run_demo(cfg: PrismConfig) -> int:
+def run_pipeline(plan: DemoPlan) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
-    from prism_mcore.platform.multiproc import run_on_ranks
+    from prism_mcore.models.qwen3.upcycle import upcycle
+    from prism_mcore.trainer.report import build_report
 
-    world = cfg.parallel.world_size or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
-    history = run_on_ranks(demo_rank, world, cfg.model_dump(), timeout=600)[0]
-    out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    table = Table(title=f"demo: tiny Qwen3, {world} gloo ranks, tp={cfg.parallel.tp}")
-    for col in ("step", "loss", "grad norm", "lr", "s"):
-        table.add_column(col, justify="right")
-    for row in history:
-        table.add_row(str(row["step"]), f"{row['loss']:.4f}", f"{row['grad_norm']:.3f}", f"{row['lr']:.2e}",
-                      f"{row['seconds']:.2f}")
     console = Console()
-    console.print(table)
-    first, last = history[0]["loss"], history[-1]["loss"]
-    console.print(f"loss {first:.4f} -> {last:.4f} ({'falling' if last < first else 'NOT falling'}); "
-                  f"metrics in {out / 'metrics.jsonl'}")
-    return 0 if last < first else 1
+    t0 = time.monotonic()
+    files = write_data(plan)
+    val = [f"data.val_files=[{files['val']}]"]
+    sft = _stage(plan, "sft", "sft.yaml", [f"data.train_files=[{files['sft']}]"], console)
+    disc_init = plan.out / "disc_init"
+    if not (disc_init / "config.json").exists():
+        upcycle(sft / "hf", disc_init, num_experts=4, top_k=2, noise_std=0.01, seed=0, overwrite=True)
+    warm = _stage(plan, "disc_warmup", "disc_warmup.yaml",
+                  [f"model.hf_path={disc_init}", f"data.train_files=[{files['pairs']}]"], console)
+    align = _stage(plan, "align", "align.yaml",
+                   [f"model.hf_path={sft / 'hf'}", f"discriminator.model.hf_path={warm / 'hf'}",
+                    f"data.train_files=[{files['rl']}]", *val], console)
+    _stage(plan, "grpo", "grpo.yaml", [f"model.hf_path={align / 'hf'}", f"data.train_files=[{files['rl']}]",
+                                       "trainer.eval_at_start=false", *val], console)
+    from prism_mcore.config import load_config
+
+    align_steps = load_config(CONFIG_DIR / "align.yaml", plan.stage_overrides("align")).trainer.steps
+    grpo_steps = load_config(CONFIG_DIR / "grpo.yaml", plan.stage_overrides("grpo")).trainer.steps
+    _stage(plan, "baseline", "grpo.yaml", [f"model.hf_path={sft / 'hf'}", f"data.train_files=[{files['rl']}]",
+                                           "trainer.eval_at_start=false", f"trainer.steps={align_steps + grpo_steps}",
+                                           *val], console)
+    report = build_report(plan.out)
+    report["seconds"] = time.monotonic() - t0
+    (plan.out / "report.json").write_text(json.dumps(report, indent=1))
+    console.print(report["table"])
+    console.print(f"plot: {report['plot']}   metrics: {plan.out}/*/metrics.jsonl   "
+                  f"TensorBoard: tensorboard --logdir {plan.out}   total {report['seconds'] / 60:.1f} min")
+    return report
+
+
+def run_demo(out: str | Path, overrides: list[str], quick: bool = False) -> int:
+    plan = DemoPlan(Path(out), overrides=list(overrides))
+    if quick:  # a smoke run of every stage (tests): a few steps each, small data
+        plan = DemoPlan(Path(out), num_sft=64, num_pairs=16, num_rl=16, num_val=4, overrides=[
+            "sft.trainer.steps=2", "disc_warmup.trainer.steps=2", "align.trainer.steps=1", "grpo.trainer.steps=1",
+            "all.rollout.max_tokens=16", "all.rollout.n=2", "all.data.global_batch_size=2", *overrides])
+    report = run_pipeline(plan)
+    return 0 if report["complete"] else 1

@@ -2,7 +2,7 @@
 MoE load-balancing loss (Megatron adds it inside the MoE layers with `model.router_aux_loss_coef`).
 
 Each comparison is scored as the chat [system, user: prompt, assistant: segment] with a closed
-assistant turn, read at each row's own last token (the same terminator for every segment).
+assistant turn, read at each row's own last token (data/disc_inputs.py, shared with the align stage).
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from prism_mcore.config import PrismConfig
 
 
 def encode_pair(pair, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    from prism_mcore.data.disc_inputs import discriminator_input, generation_prompt_ids, text_ids
+
+    prompt = generation_prompt_ids(list(pair.prompt_messages), tokenizer)
+
     def ids(segment: str) -> list[int]:
-        chat = list(pair.prompt_messages) + [{"role": "assistant", "content": segment}]
-        out = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
-        out = list(out["input_ids"] if isinstance(out, dict) else out)
-        return out[-max_length:]  # keep the end: the score is read at the last token
+        # keep the end: the score is read at the last token
+        return discriminator_input(prompt, text_ids(segment, tokenizer), tokenizer)[-max_length:]
 
     return ids(pair.chosen), ids(pair.rejected)
 
@@ -64,8 +66,7 @@ def run_disc_warmup(cfg: PrismConfig) -> dict:
     from prism_mcore.data.warmup_pairs import load_warmup_pairs
     from prism_mcore.models.discriminator import build_discriminator
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.trainer.megatron_step import build_optimizer, lr_at, train_step, wrap_ddp
-    from prism_mcore.trainer.run import Checkpointer, Metrics, export_hf, load_hf_weights, progress
+    from prism_mcore.trainer.run import StageRun, export_hf, load_hf_weights, trainable
 
     tok = qwen3_tokenizer()
     pairs, skipped = [], 0
@@ -80,17 +81,12 @@ def run_disc_warmup(cfg: PrismConfig) -> dict:
     disc = build_discriminator(cfg.model, cfg.parallel, seed=cfg.trainer.seed)
     if cfg.model.hf_path:
         load_hf_weights(disc, cfg, kind="discriminator")
-    model = wrap_ddp(disc, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-    optimizer = build_optimizer([model], cfg.optim)
-    ckpt = Checkpointer(cfg.trainer.output_dir, cfg.trainer.save_interval)
-    resumed = ckpt.resume([model], optimizer)
-    start = resumed["step"] if resumed else 0
-    metrics = Metrics(cfg.trainer.output_dir, "disc-warmup")
+    model = trainable(disc, cfg.optim)
+    run = StageRun(cfg, {"": model})
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    bar = progress(cfg.trainer.steps, "disc-warmup", start)
     batch = cfg.data.global_batch_size
     last = {}
-    for step in range(start, cfg.trainer.steps):
+    for step in run.steps():
         epoch, offset = divmod(step, max(1, len(encoded) // batch))
         order = list(range(len(encoded)))
         random.Random(cfg.data.seed * 1_000_003 + epoch).shuffle(order)
@@ -99,9 +95,10 @@ def run_disc_warmup(cfg: PrismConfig) -> dict:
         micro_rows = [mine[i:i + per_micro] for i in range(0, len(mine), per_micro)]
         length = max(len(r) for pair in mine for r in pair)
         micro = [collate_pairs(m, tok.pad_token_id, length) for m in micro_rows]
-        lr = lr_at(step, cfg.trainer.steps, cfg.optim)
-        result = train_step([model], optimizer, _forward_step(len(micro), dp, float(batch)), micro, len(micro),
-                            seq_length=length, micro_batch_size=2 * per_micro, lr=lr)
+        if disc.post_process:
+            disc.head_dropout.reseed(step)
+        result = model.train(_forward_step(len(micro), dp, float(batch)), micro, seq_length=length,
+                             micro_batch_size=2 * per_micro, step=step, total_steps=cfg.trainer.steps)
         stats = torch.tensor([sum(d[k] for d in result.losses) if result.losses else 0.0
                               for k in ("bt_sum", "correct", "gap_sum", "pairs")])
         if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
@@ -109,16 +106,9 @@ def run_disc_warmup(cfg: PrismConfig) -> dict:
         dist.all_reduce(stats)
         n = max(float(stats[3]), 1.0)
         last = {"loss": float(stats[0]) / n, "accuracy": float(stats[1]) / n, "score_gap": float(stats[2]) / n,
-                "grad_norm": result.grad_norm, "lr": lr, "skipped_rows": skipped}
-        metrics.log(step + 1, last)
-        ckpt.maybe_save(step + 1, [model], optimizer, {"stage": "disc-warmup", "model": cfg.model.model_dump(),
-                                                       "kind": "discriminator"},
-                        force=step + 1 == cfg.trainer.steps)
-        if bar:
-            bar.update(bar.task_ids[0], advance=1, description=f"disc-warmup loss {last['loss']:.3f}")
-    if bar:
-        bar.stop()
-    metrics.close()
+                "grad_norm": result.grad_norm, "lr": model.optimizer.param_groups[0]["lr"], "skipped_rows": skipped}
+        run.end_step(step, last, {"kind": "discriminator"}, f"loss {last['loss']:.3f}")
+    run.close()
     if cfg.trainer.export_hf:
         export_hf(disc, cfg, f"{cfg.trainer.output_dir}/hf", kind="discriminator")
     return last

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from prism_mcore.config import PrismConfig
+from prism_mcore.config import OptimConfig, PrismConfig
 
 
 def is_rank0() -> bool:
@@ -39,24 +41,89 @@ def load_hf_weights(net, cfg: PrismConfig, kind: str = "policy") -> None:
     load_full(net, _with_head(kind, megatron_reader(cfg.model, source.get), source.get, source))
 
 
+@dataclass
+class Trainable:
+    """One Megatron model being trained: the bare module, its DDP wrapper, its optimizer and schedule."""
+
+    net: torch.nn.Module
+    ddp: Any
+    optimizer: Any
+    optim: OptimConfig
+
+    def train(self, forward_step, micro: list, seq_length: int, micro_batch_size: int, step: int, total_steps: int):
+        """One optimizer step over `micro` (this rank's micro-batches) at the schedule's lr for `step`."""
+        from prism_mcore.trainer.megatron_step import lr_at, train_step
+
+        return train_step([self.ddp], self.optimizer, forward_step, micro, len(micro), seq_length=seq_length,
+                          micro_batch_size=micro_batch_size, lr=lr_at(step, total_steps, self.optim))
+
+
+def trainable(net: torch.nn.Module, optim: OptimConfig) -> Trainable:
+    from prism_mcore.trainer.megatron_step import build_optimizer, wrap_ddp
+
+    ddp = wrap_ddp(net, use_distributed_optimizer=optim.use_distributed_optimizer)
+    return Trainable(net, ddp, build_optimizer([ddp], optim), optim)
+
+
 class Checkpointer:
-    """`ROOT/checkpoints/step_*` every `interval` steps; resume from the newest complete one."""
+    """`ROOT/checkpoints/step_*` every `interval` steps; resume from the newest complete one. `parts`
+    names the trained models ({"": one model} for single-model stages; align saves policy and
+    discriminator together, so a crash never leaves them at different steps)."""
 
     def __init__(self, output_dir: str | Path, interval: int):
         self.root = Path(output_dir) / "checkpoints"
         self.interval = interval
 
-    def resume(self, models: list, optimizer) -> dict | None:
+    @staticmethod
+    def _parts(parts: dict[str, Trainable]) -> dict:
+        return {name: ([t.ddp], t.optimizer) for name, t in parts.items()}
+
+    def resume(self, parts: dict[str, Trainable]) -> dict | None:
         from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint
 
         path = latest_checkpoint(self.root)
-        return None if path is None else load_checkpoint(path, models, optimizer)
+        return None if path is None else load_checkpoint(path, parts=self._parts(parts))
 
-    def maybe_save(self, step: int, models: list, optimizer, meta: dict, force: bool = False) -> None:
+    def maybe_save(self, step: int, parts: dict[str, Trainable], meta: dict, force: bool = False) -> None:
         from prism_mcore.checkpoint.dist_ckpt import save_checkpoint
 
         if force or (self.interval and step % self.interval == 0):
-            save_checkpoint(self.root, step, models, optimizer, meta=meta)
+            save_checkpoint(self.root, step, parts=self._parts(parts), meta=meta)
+
+
+class StageRun:
+    """The bookkeeping every stage loop shares: resume from the latest checkpoint, then per step log
+    metrics (JSONL + TensorBoard), checkpoint every `save_interval` steps and at the end, advance the
+    progress bar. `start` is the first step to run; `resumed` the checkpoint's metadata (or None)."""
+
+    def __init__(self, cfg: PrismConfig, parts: dict[str, Trainable]):
+        self.cfg, self.parts = cfg, parts
+        self.stage = cfg.trainer.stage
+        self.ckpt = Checkpointer(cfg.trainer.output_dir, cfg.trainer.save_interval)
+        self.resumed = self.ckpt.resume(parts)
+        self.start = self.resumed["step"] if self.resumed else 0
+        self.metrics = Metrics(cfg.trainer.output_dir, self.stage)
+        self.bar = progress(cfg.trainer.steps, self.stage, self.start)
+
+    def steps(self) -> range:
+        return range(self.start, self.cfg.trainer.steps)
+
+    def end_step(self, step: int, values: dict, meta: dict | None = None, summary: str = "") -> None:
+        """After step `step` (0-based): log as step+1, checkpoint, show `summary` on the bar."""
+        done = step + 1
+        self.metrics.log(done, values)
+        self.ckpt.maybe_save(done, self.parts, {"stage": self.stage, "model": self.cfg.model.model_dump(),
+                                                **(meta or {})}, force=done == self.cfg.trainer.steps)
+        if self.bar:
+            self.bar.update(self.bar.task_ids[0], advance=1, description=f"{self.stage} {summary}".strip())
+
+    def log(self, step: int, values: dict) -> None:
+        self.metrics.log(step, values)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+        self.metrics.close()
 
 
 class Metrics:

@@ -47,7 +47,8 @@ def _sft_forward(tokens_total: float, num_micro: int, dp: int, vocab_size: int):
         gpt = model.module if hasattr(model, "module") else model
 
         def loss_fn(h):
-            logp, _ = hidden_to_logprobs(gpt, h, batch["labels"], vocab_size, with_entropy=False)
+            logp, _ = hidden_to_logprobs(gpt, h, batch["labels"], vocab_size, with_entropy=False,
+                                         only=batch["loss_mask"])
             nll = -(logp * batch["loss_mask"]).sum()
             # Megatron divides by the local micro-batch count and DDP averages over DP ranks; scaling
             # back makes the step's gradient the exact token mean over the whole global batch.
@@ -65,24 +66,17 @@ def run_sft(cfg: PrismConfig) -> dict:
     from prism_mcore.data.sft_dataset import pack_by_token_budget
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.trainer.megatron_step import build_optimizer, lr_at, train_step, wrap_ddp
-    from prism_mcore.trainer.run import Checkpointer, Metrics, build_policy, export_hf, progress
+    from prism_mcore.trainer.run import StageRun, build_policy, export_hf, trainable
 
     tok = qwen3_tokenizer()
     samples, skipped = load_sft_samples(cfg, tok)
     init_model_parallel(cfg)
-    policy = build_policy(cfg)
-    model = wrap_ddp(policy, use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
-    optimizer = build_optimizer([model], cfg.optim)
-    ckpt = Checkpointer(cfg.trainer.output_dir, cfg.trainer.save_interval)
-    resumed = ckpt.resume([model], optimizer)
-    start = resumed["step"] if resumed else 0
-    metrics = Metrics(cfg.trainer.output_dir, "sft")
+    policy = trainable(build_policy(cfg), cfg.optim)
+    run = StageRun(cfg, {"": policy})
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     pp = ps.get_pipeline_model_parallel_world_size()
-    bar = progress(cfg.trainer.steps, "sft", start)
     last = {}
-    for step in range(start, cfg.trainer.steps):
+    for step in run.steps():
         mine = [samples[i] for i in step_batches(len(samples), cfg.data.global_batch_size, cfg.data.seed, step)][dp_rank::dp]
         groups = pack_by_token_budget(mine, cfg.data.micro_batch_tokens)
         num_micro = torch.tensor([len(groups)])
@@ -92,25 +86,20 @@ def run_sft(cfg: PrismConfig) -> dict:
         micro = [collate(g, tok.pad_token_id, *shape) for g in groups]
         tokens = torch.tensor([float(sum(m["loss_mask"].sum() for m in micro))])
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        lr = lr_at(step, cfg.trainer.steps, cfg.optim)
-        result = train_step([model], optimizer, _sft_forward(float(tokens), len(micro), dp, cfg.model.vocab_size),
-                            micro, len(micro), seq_length=shape[1] or 1, micro_batch_size=shape[0] or 1, lr=lr)
+        result = policy.train(_sft_forward(float(tokens), len(micro), dp, cfg.model.vocab_size), micro,
+                              seq_length=shape[1] or 1, micro_batch_size=shape[0] or 1, step=step,
+                              total_steps=cfg.trainer.steps)
         nll = torch.tensor([sum(d["nll_sum"] for d in result.losses)])
         if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
             nll.zero_()
         dist.all_reduce(nll)
-        last = {"loss": float(nll) / float(tokens), "grad_norm": result.grad_norm, "lr": lr,
-                "tokens": float(tokens), "skipped_rows": skipped, "update_skipped": result.skipped}
-        metrics.log(step + 1, last)
-        ckpt.maybe_save(step + 1, [model], optimizer, {"stage": "sft", "model": cfg.model.model_dump()},
-                        force=step + 1 == cfg.trainer.steps)
-        if bar:
-            bar.update(bar.task_ids[0], advance=1, description=f"sft loss {last['loss']:.3f}")
-    if bar:
-        bar.stop()
-    metrics.close()
+        last = {"loss": float(nll) / float(tokens), "grad_norm": result.grad_norm,
+                "lr": policy.optimizer.param_groups[0]["lr"], "tokens": float(tokens), "skipped_rows": skipped,
+                "update_skipped": result.skipped}
+        run.end_step(step, last, summary=f"loss {last['loss']:.3f}")
+    run.close()
     if cfg.trainer.export_hf:
-        export_hf(policy, cfg, f"{cfg.trainer.output_dir}/hf")
+        export_hf(policy.net, cfg, f"{cfg.trainer.output_dir}/hf")
     return last
 
 

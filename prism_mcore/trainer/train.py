@@ -11,11 +11,12 @@ from prism_mcore.config import PrismConfig
 
 
 def _stages():
+    from prism_mcore.trainer.align import run_align
     from prism_mcore.trainer.disc_warmup import run_disc_warmup
     from prism_mcore.trainer.rl import run_rl
     from prism_mcore.trainer.sft import run_sft
 
-    return {"sft": run_sft, "disc-warmup": run_disc_warmup, "rl": run_rl}
+    return {"sft": run_sft, "disc-warmup": run_disc_warmup, "align": run_align, "rl": run_rl}
 
 
 def stage_main(cfg_tree: dict) -> dict:
@@ -43,13 +44,17 @@ def preflight(cfg: PrismConfig) -> None:
 
         for path in cfg.data.train_files:
             load_chat_jsonl(path)
-    if cfg.trainer.stage == "rl":
+    if cfg.trainer.stage in ("rl", "align"):
         from prism_mcore.data.rl_dataset import RLDataset
         from prism_mcore.data.tokenizer import qwen3_tokenizer
 
         if not cfg.model.hf_path:
-            raise DataError("model.hf_path: the rl stage starts the rollout engines from an HF checkpoint")
-        RLDataset(cfg.data.train_files, qwen3_tokenizer(), cfg.data.max_prompt_length)
+            raise DataError(f"model.hf_path: the {cfg.trainer.stage} stage starts the rollout engines from an HF "
+                            f"checkpoint")
+        RLDataset(cfg.data.train_files, qwen3_tokenizer(), cfg.data.max_prompt_length,
+                  require_teacher=cfg.trainer.stage == "align")
+        if cfg.data.val_files:
+            RLDataset(cfg.data.val_files, qwen3_tokenizer(), cfg.data.max_prompt_length)
     if cfg.trainer.stage == "disc-warmup":
         from prism_mcore.data.warmup_pairs import load_warmup_pairs
 

@@ -32,10 +32,34 @@ def use_fused_logprob_head(gpt) -> None:
 
 
 def hidden_to_logprobs(gpt, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                       temperature: float = 1.0, backend: str | None = "auto", with_entropy: bool = True):
-    """(logp, entropy) [b, s] of `targets` under the model, from the hidden states `gpt` returned."""
+                       temperature: float = 1.0, backend: str | None = "auto", with_entropy: bool = True,
+                       only: torch.Tensor | None = None):
+    """(logp, entropy) [b, s] of `targets` under the model, from the hidden states `gpt` returned.
+
+    `only` [b, s] (bool or 0/1): compute just these positions (e.g. response tokens) and return 0
+    elsewhere. With a 151,936-entry vocabulary the head costs far more than a small body, so skipping
+    prompt and padding positions is most of a step's time. Every TP rank holds the same mask."""
     from megatron.core import parallel_state as ps
 
     tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    return token_logprobs(hidden, gpt.output_layer.lm_weight, targets, temperature, vocab_size=vocab_size,
-                          tp_group=tp_group, backend=backend, with_entropy=with_entropy)
+    weight = gpt.output_layer.lm_weight
+    if only is None:
+        return token_logprobs(hidden, weight, targets, temperature, vocab_size=vocab_size,
+                              tp_group=tp_group, backend=backend, with_entropy=with_entropy)
+    keep = only.to(torch.bool)
+    if not bool(keep.any()):  # an all-padding micro-batch still runs the head once (same collectives)
+        keep = torch.zeros_like(keep)
+        keep.view(-1)[0] = True
+        scale = 0.0
+    else:
+        scale = 1.0
+    logp, entropy = token_logprobs(hidden[keep], weight, targets[keep], temperature, vocab_size=vocab_size,
+                                   tp_group=tp_group, backend=backend, with_entropy=with_entropy)
+
+    def spread(values):
+        if values is None:
+            return None
+        out = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+        return out.masked_scatter(keep, values * scale)
+
+    return spread(logp), spread(entropy)

@@ -1,0 +1,190 @@
+"""The rollout side of the rollout stages (align, rl): the engine pool on rank 0, sampling a step's
+rollouts and sharing them with every rank, weight sync after each update, held-out evaluation.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from prism_mcore.config import PrismConfig
+
+
+def start_pool(cfg: PrismConfig, model_dir: str):
+    """Rank 0: a local Ray instance and the vLLM engine pool, started from the HF weights of the policy."""
+    import ray
+
+    from prism_mcore.rollout.engine_pool import EnginePool
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    reap_orphaned_ray()
+    # Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
+    ray_dir = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")
+    ray.init(num_cpus=max(2, cfg.rollout.num_engines + 1), include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 2**20, _temp_dir=ray_dir)
+    # Whole prefills only: vLLM rewinds a seeded request's generator after a chunked prefill step, which
+    # CPU generators cannot do; every prompt fits one step since the token budget >= max_model_len.
+    engine_kwargs = {"dtype": cfg.model.dtype, "max_model_len": cfg.data.max_prompt_length + cfg.rollout.max_tokens,
+                     "max_num_seqs": 64, "max_num_batched_tokens": 8192, "enable_chunked_prefill": False}
+    return EnginePool(model_dir, cfg.rollout, engine_kwargs=engine_kwargs).start()
+
+
+RAY_DIR_PREFIX = "prism_ray_"
+
+
+def reap_orphaned_ray(root: str = "/tmp") -> int:
+    """Stop the local Ray clusters of trainers that died without shutting them down (SIGKILL, OOM):
+    Ray's GCS, raylet and engine actors outlive their driver and would hold the engines' memory. A
+    cluster is orphaned when the driver pid in its session directory name is gone. Returns how many
+    processes were stopped."""
+    import glob
+    import shutil
+    import signal
+
+    stopped = 0
+    for session in glob.glob(f"{root}/{RAY_DIR_PREFIX}*/session_2*"):
+        driver = int(session.rsplit("_", 1)[-1]) if session.rsplit("_", 1)[-1].isdigit() else None
+        if driver is None or _alive(driver):
+            continue
+        doomed = _processes_mentioning(session)
+        doomed |= _descendants(doomed)
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped += 1
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(os.path.dirname(session), ignore_errors=True)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _processes_mentioning(text: str) -> set[int]:
+    found = set()
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                with open(f"/proc/{proc}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.add(int(proc))
+            except OSError:
+                pass
+    return found
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                with open(f"/proc/{proc}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(proc))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+@dataclass
+class Scored:
+    """One rollout: its tokens, the engine's log-probs of them, and the rule-based reward's verdict."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    score: float
+    acc: float
+    fmt: float
+
+
+class Rollouts:
+    """Every rank holds one; only rank 0 talks to the engines, the others receive what it sampled."""
+
+    def __init__(self, cfg: PrismConfig, tokenizer, model_dir: str):
+        self.cfg, self.tok = cfg, tokenizer
+        self.pool = start_pool(cfg, model_dir) if dist.get_rank() == 0 else None
+        holder = [self.pool.endpoints if self.pool else None]
+        dist.broadcast_object_list(holder, src=0)
+        self.endpoints = holder[0]
+
+    def sample(self, examples, step: int, n: int | None = None, greedy: bool = False) -> list[list[Scored]]:
+        """Collective: `n` rollouts per example (rollout.n by default), scored by the verifiable reward.
+        Sampling is seeded by (trainer.seed, step), so a resumed run draws what the first run drew."""
+        from prism_mcore.algorithms.reward import compute_rewards
+        from prism_mcore.rollout.engine import Prompt, SamplingParams
+
+        shared = [None]
+        if self.pool:
+            n = n or self.cfg.rollout.n
+            overrides = {"n": n, "stop_token_ids": (self.tok.eos_token_id,),
+                         "seed": self.cfg.trainer.seed * 100_003 + step}
+            if greedy:
+                overrides.update(temperature=0.0, top_p=1.0, seed=None)
+            params = SamplingParams.from_config(self.cfg.rollout, **overrides)
+            results = self.pool.generate([Prompt(e.prompt_ids) for e in examples], params, step=step)
+            texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for r in results for c in r.completions]
+            truths = [e.ground_truth for e in examples for _ in range(n)]
+            equivalents = [e.equivalent_answers for e in examples for _ in range(n)]
+            verdicts = iter(compute_rewards(texts, truths, equivalents))
+            shared = [[[Scored(c.token_ids, list(c.logprobs), c.finish_reason, *_astuple(next(verdicts)))
+                        for c in r.completions] for r in results]]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def evaluate(self, examples, step: int) -> dict:
+        """Collective: greedy accuracy and format rate on held-out examples."""
+        rollouts = [r[0] for r in self.sample(examples, step, n=1, greedy=True)]
+        return {"eval_accuracy": sum(r.acc for r in rollouts) / len(rollouts),
+                "eval_format": sum(r.fmt for r in rollouts) / len(rollouts),
+                "eval_response_len": sum(len(r.token_ids) for r in rollouts) / len(rollouts)}
+
+    def sync(self, policy, version: int):
+        """Collective: the trained policy's weights into every engine, as weight version `version`."""
+        from prism_mcore.rollout.weight_sync import sync_weights
+
+        r = self.cfg.rollout
+        return sync_weights(policy, self.cfg.model, self.endpoints, version, bucket_mb=r.weight_bucket_mb,
+                            timeout_s=r.timeout_s, step=version)
+
+    def close(self) -> None:
+        if self.pool:
+            import ray
+
+            self.pool.shutdown()
+            ray.shutdown()
+
+
+def _astuple(verdict) -> tuple[float, float, float]:
+    return float(verdict.score), float(verdict.acc), float(verdict.fmt)
+
+
+def held_out(cfg: PrismConfig, tokenizer):
+    """The first `trainer.eval_max_prompts` good rows of data.val_files (None when there are none)."""
+    if not cfg.data.val_files:
+        return None
+    from prism_mcore.data.rl_dataset import RLDataset
+
+    return RLDataset(cfg.data.val_files, tokenizer, cfg.data.max_prompt_length).examples[:cfg.trainer.eval_max_prompts]
+
+
+def should_eval(cfg: PrismConfig, done: int) -> bool:
+    """After `done` steps: at the end, and every eval_interval steps."""
+    every = cfg.trainer.eval_interval
+    return done == cfg.trainer.steps or bool(every and done % every == 0)

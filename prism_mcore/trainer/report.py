@@ -1,0 +1,127 @@
+"""The demo's report: a table of held-out accuracy / format rate after each stage for both arms, and a
+PNG of the training curves, built from the stages' metrics.jsonl files (so it can be rebuilt any time:
+`python -m prism_mcore.trainer.report OUT`)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CHANCE = 0.01  # answers are integers in 0..99
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a resumed stage may have logged a step twice: keep the last."""
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[(row["step"], "eval_accuracy" in row and "loss" not in row and "reward" not in row
+              and "d_loss" not in row)] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def _evals(rows: list[dict]) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["eval_accuracy"], r["eval_format"]) for r in rows if "eval_accuracy" in r]
+
+
+def build_report(out: str | Path) -> dict:
+    from rich.table import Table
+
+    out = Path(out)
+    m = {name: read_metrics(out / name / "metrics.jsonl") for name in ("sft", "disc_warmup", "align", "grpo",
+                                                                       "baseline")}
+    align_evals, grpo_evals, base_evals = _evals(m["align"]), _evals(m["grpo"]), _evals(m["baseline"])
+    sft_eval = align_evals[0] if align_evals and align_evals[0][0] == 0 else None
+    after_align = align_evals[-1] if len(align_evals) > 1 else None
+    after_grpo = grpo_evals[-1] if grpo_evals else None
+    after_base = base_evals[-1] if base_evals else None
+
+    def pct(e, i):
+        return "—" if e is None else f"{100 * e[i]:.1f}%"
+
+    table = Table(title=f"held-out greedy accuracy / format rate (chance accuracy {100 * CHANCE:.0f}%)")
+    for col in ("after stage", "PRISM arm acc", "PRISM arm format", "baseline acc", "baseline format"):
+        table.add_column(col, justify="right" if col != "after stage" else "left")
+    table.add_row("SFT", pct(sft_eval, 1), pct(sft_eval, 2), pct(sft_eval, 1), pct(sft_eval, 2))
+    table.add_row("PRISM align", pct(after_align, 1), pct(after_align, 2), "—", "—")
+    table.add_row("GRPO", pct(after_grpo, 1), pct(after_grpo, 2), pct(after_base, 1), pct(after_base, 2))
+    warm = [r for r in m["disc_warmup"] if "loss" in r]
+    gaps = [r["score_gap"] for r in m["align"] if "score_gap" in r]
+    summary = {
+        "sft_loss": [m["sft"][0]["loss"], m["sft"][-1]["loss"]] if m["sft"] else None,
+        "warmup_loss": [warm[0]["loss"], warm[-1]["loss"]] if warm else None,
+        "warmup_pair_accuracy": warm[-1]["accuracy"] if warm else None,
+        "align_score_gap": [gaps[0], gaps[-1]] if gaps else None,
+        "accuracy": {"sft": sft_eval and sft_eval[1], "align": after_align and after_align[1],
+                     "prism_grpo": after_grpo and after_grpo[1], "baseline_grpo": after_base and after_base[1]},
+        "format": {"sft": sft_eval and sft_eval[2], "align": after_align and after_align[2],
+                   "prism_grpo": after_grpo and after_grpo[2], "baseline_grpo": after_base and after_base[2]},
+    }
+    plot = out / "curves.png"
+    _plot(m, plot)
+    complete = all(v is not None for v in (sft_eval, after_align, after_grpo, after_base)) and plot.exists()
+    caption = []
+    if summary["warmup_loss"]:
+        caption.append(f"discriminator warm-up loss {summary['warmup_loss'][0]:.3f} -> {summary['warmup_loss'][1]:.3f}"
+                       f" (teacher preferred in {100 * summary['warmup_pair_accuracy']:.0f}% of the last batch's pairs)")
+    if gaps:
+        caption.append(f"align teacher-minus-student score gap {gaps[0]:+.3f} -> {gaps[-1]:+.3f}")
+    table.caption = "; ".join(caption)
+    return {"table": table, "summary": summary, "plot": str(plot), "complete": complete}
+
+
+def _plot(m: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    sft = [r for r in m["sft"] if "loss" in r]
+    ax[0, 0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
+    ax[0, 0].set(title="SFT loss (assistant tokens)", xlabel="step", yscale="log")
+    warm = [r for r in m["disc_warmup"] if "loss" in r]
+    ax[0, 1].plot([r["step"] for r in warm], [r["loss"] for r in warm], label="warm-up BT loss")
+    align = [r for r in m["align"] if "score_gap" in r]
+    offset = len(warm)
+    ax[0, 1].plot([offset + r["step"] for r in align], [r["score_gap"] for r in align], label="align score gap")
+    ax[0, 1].set(title="discriminator", xlabel="warm-up steps, then align steps")
+    ax[0, 1].legend()
+    n_align = len(align)
+    train_prism = [(r["step"], r["accuracy"]) for r in align] + \
+        [(n_align + r["step"], r["accuracy"]) for r in m["grpo"] if "reward" in r]
+    train_base = [(r["step"], r["accuracy"]) for r in m["baseline"] if "reward" in r]
+    reward_prism = [(n_align + r["step"], r["reward"]) for r in m["grpo"] if "reward" in r]
+    reward_base = [(r["step"], r["reward"]) for r in m["baseline"] if "reward" in r]
+    for series, label, style in ((train_prism, "PRISM arm accuracy", "-"), (train_base, "baseline accuracy", "-"),
+                                 (reward_prism, "PRISM arm GRPO reward", "--"),
+                                 (reward_base, "baseline GRPO reward", "--")):
+        if series:
+            ax[1, 0].plot(*zip(*series), style, label=label)
+    ax[1, 0].axvline(n_align + 0.5, color="grey", lw=0.8)
+    ax[1, 0].set(title="rollouts during RL (align steps, then GRPO)", xlabel="policy update", ylim=(-0.05, 1.05))
+    ax[1, 0].legend(fontsize=8)
+    evals_prism = [(r["step"], r["eval_accuracy"]) for r in m["align"] if "eval_accuracy" in r] + \
+        [(n_align + r["step"], r["eval_accuracy"]) for r in m["grpo"] if "eval_accuracy" in r]
+    evals_base = [(0, evals_prism[0][1])] if evals_prism else []
+    evals_base += [(r["step"], r["eval_accuracy"]) for r in m["baseline"] if "eval_accuracy" in r]
+    for series, label in ((evals_prism, "PRISM arm"), (evals_base, "baseline")):
+        if series:
+            ax[1, 1].plot(*zip(*series), "o-", label=label)
+    ax[1, 1].axhline(CHANCE, color="grey", ls=":", label="chance")
+    ax[1, 1].set(title="held-out greedy accuracy", xlabel="policy update after SFT", ylim=(-0.02, 1.02))
+    ax[1, 1].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    report = build_report(sys.argv[1])
+    Console().print(report["table"])
+    print(f"plot: {report['plot']}")
