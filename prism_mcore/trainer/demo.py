@@ -12,6 +12,7 @@ skipped on a re-run. The report (table + PNG) is built from the stages' metrics.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,10 @@ def _stage(plan: DemoPlan, name: str, config: str, overrides: list[str], console
     if (out / "hf" / "config.json").exists():
         console.print(f"[dim]{name}: done already ({out / 'hf'})[/dim]")
         return out
-    cfg = load_config(CONFIG_DIR / config, [f"trainer.output_dir={out}", *overrides, *plan.stage_overrides(name)])
+    args = [f"trainer.output_dir={out}", *overrides, *plan.stage_overrides(name)]
+    cfg = load_config(CONFIG_DIR / config, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(shlex.join(["prism", "train", str(CONFIG_DIR / config), *args]) + "\n")
     console.rule(f"{name}: {cfg.trainer.stage}, {cfg.trainer.steps} steps")
     t0 = time.monotonic()
     train(cfg)
@@ -104,10 +108,13 @@ def run_pipeline(plan: DemoPlan) -> dict:
                                            *val], console)
     report = build_report(plan.out)
     report["seconds"] = time.monotonic() - t0
-    (plan.out / "report.json").write_text(json.dumps(report, indent=1))
+    report["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
+                               for p in sorted(plan.out.glob("*/stage_seconds.json"))}
+    (plan.out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
     console.print(report["table"])
+    stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in report["stage_seconds"].items())
     console.print(f"plot: {report['plot']}   metrics: {plan.out}/*/metrics.jsonl   "
-                  f"TensorBoard: tensorboard --logdir {plan.out}   total {report['seconds'] / 60:.1f} min")
+                  f"TensorBoard: tensorboard --logdir {plan.out}\nminutes: {stages}; this run {report['seconds'] / 60:.1f}")
     return report
 
 
