@@ -2,9 +2,11 @@
 update; these scores are the policy's rewards) and one Bradley-Terry update on the same step's
 teacher and student segments (train mode, head dropout on).
 
-A prompt group is the unit of work: its n rollouts' caption and reasoning inputs plus the teacher's
-two inputs, which are scored once and shared by the n comparisons (the original re-scored them per
-rollout; with dropout off the scores are identical, and in training the gradient is the same sum).
+Work is cut into pieces: some rollouts of one prompt group (their caption and reasoning rows) plus that
+group's two teacher rows, as many rollouts as fit `data.micro_batch_tokens`, then pieces are packed
+into micro-batches by the same budget. The teacher rows ride along with every piece of their group, so
+each comparison sees its teacher in the same forward pass; a teacher scored in k pieces takes part in
+exactly the comparisons of its rollouts, as in the original (which re-scored the teacher per rollout).
 """
 from __future__ import annotations
 
@@ -25,8 +27,52 @@ class GroupInputs:
     teacher_caption: list[int]
     teacher_reasoning: list[int]
 
-    def rows(self) -> list[list[int]]:
-        return self.captions + self.reasonings + [self.teacher_caption, self.teacher_reasoning]
+    def rows(self, lo: int = 0, hi: int | None = None) -> list[list[int]]:
+        """Rows of rollouts lo..hi: their captions, their reasonings, then the teacher's two."""
+        return self.captions[lo:hi] + self.reasonings[lo:hi] + [self.teacher_caption, self.teacher_reasoning]
+
+
+@dataclass(frozen=True)
+class Piece:
+    group: int
+    lo: int
+    hi: int
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+def _cost(inputs: list[GroupInputs], piece: Piece) -> tuple[int, int]:
+    rows = inputs[piece.group].rows(piece.lo, piece.hi)
+    return len(rows), max(map(len, rows))
+
+
+def _padded(cost: tuple[int, int]) -> int:
+    return cost[0] * cost[1]
+
+
+def _pieces(groups: list[int], inputs: list[GroupInputs], token_budget: int) -> list[list[Piece]]:
+    """Micro-batches of pieces, each micro-batch's padded rows x length within `token_budget` when
+    possible (a single rollout with its teacher is the smallest piece)."""
+    pieces = []
+    for g in groups:
+        n, lo = len(inputs[g].captions), 0
+        while lo < n:
+            hi = lo + 1
+            while hi < n and _padded(_cost(inputs, Piece(g, lo, hi + 1))) <= token_budget:
+                hi += 1
+            pieces.append(Piece(g, lo, hi))
+            lo = hi
+    out, current, rows, length = [], [], 0, 0
+    for piece in pieces:
+        p_rows, p_len = _cost(inputs, piece)
+        if current and (rows + p_rows) * max(length, p_len) > token_budget:
+            out.append(current)
+            current, rows, length = [], 0, 0
+        current.append(piece)
+        rows, length = rows + p_rows, max(length, p_len)
+    return out + ([current] if current else [])
 
 
 def _collate(rows: list[list[int]], pad_id: int, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
@@ -41,33 +87,37 @@ def _collate(rows: list[list[int]], pad_id: int, shape: tuple[int, int] | None =
     return {"tokens": tokens, "attention_mask": mask}
 
 
-def _micro_batches(groups: list[int], inputs: list[GroupInputs], token_budget: int) -> list[list[int]]:
-    """Whole prompt groups per micro-batch, as many as fit `token_budget` (padded rows x length)."""
-    out, current, rows, length = [], [], 0, 0
-    for g in groups:
-        g_rows, g_len = len(inputs[g].rows()), max(map(len, inputs[g].rows()))
-        if current and (rows + g_rows) * max(length, g_len) > token_budget:
-            out.append(current)
-            current, rows, length = [], 0, 0
-        current.append(g)
-        rows, length = rows + g_rows, max(length, g_len)
-    return out + ([current] if current else [])
-
-
-def _batches(inputs: list[GroupInputs], groups: list[int], pad_id: int, token_budget: int, **per_batch) -> list[dict]:
-    """This DP rank's micro-batches: collated rows plus `groups` and, for each key of `per_batch`
-    ([num_groups, ...] tensors), its rows for these groups."""
+def _batches(inputs: list[GroupInputs], groups: list[int], pad_id: int, token_budget: int,
+             valid: torch.Tensor | None = None) -> list[dict]:
+    """This DP rank's micro-batches: collated rows, their `pieces`, and (training) the pieces' validity."""
     from megatron.core import parallel_state as ps
 
-    micro = _micro_batches(groups, inputs, token_budget)
-    rows = [[r for g in m for r in inputs[g].rows()] for m in micro]
+    micro = _pieces(groups, inputs, token_budget)
+    rows = [[r for p in m for r in inputs[p.group].rows(p.lo, p.hi)] for m in micro]
     shape = None
     if ps.get_pipeline_model_parallel_world_size() > 1:
         size = torch.tensor([max(map(len, rows), default=1), max((len(r) for rs in rows for r in rs), default=1)])
         dist.all_reduce(size, op=dist.ReduceOp.MAX)
         shape = (int(size[0]), int(size[1]))
-    return [dict(_collate(r, pad_id, shape), groups=m, **{k: v[m] for k, v in per_batch.items()})
-            for m, r in zip(micro, rows)]
+    out = []
+    for m, r in zip(micro, rows):
+        batch = dict(_collate(r, pad_id, shape), pieces=m)
+        if valid is not None:
+            batch["valid"] = torch.cat([valid[p.group, p.lo:p.hi] for p in m]).float()
+        out.append(batch)
+    return out
+
+
+def _split(scores: torch.Tensor, pieces: list[Piece]):
+    """Per-row scores of a micro-batch -> (student caption, student reasoning, teacher caption, teacher
+    reasoning), each [sum of piece sizes], the teacher's repeated for each of its piece's rollouts."""
+    parts, at = [], 0
+    for p in pieces:
+        k = p.size
+        chunk = scores[at:at + 2 * k + 2]
+        parts.append((chunk[:k], chunk[k:2 * k], chunk[2 * k].expand(k), chunk[2 * k + 1].expand(k)))
+        at += 2 * k + 2
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _shares(num_groups: int) -> list[int]:
@@ -99,14 +149,14 @@ def score_groups(disc, inputs: list[GroupInputs], pad_id: int, token_budget: int
     from prism_mcore.models.discriminator import sequence_scores
 
     batches = _batches(inputs, _shares(len(inputs)), pad_id, token_budget)
-    width = len(inputs[0].rows())
+    n = len(inputs[0].captions)
 
     def forward_step(data_iter, model):
         batch = next(data_iter)
         out = model(batch["tokens"], batch["attention_mask"])
 
         def collect(token_scores):
-            rows = len(batch["groups"]) * width
+            rows = sum(2 * p.size + 2 for p in batch["pieces"])
             return torch.zeros(()), {"scores": sequence_scores(token_scores, batch["attention_mask"])[:rows].detach()}
 
         return out, collect
@@ -120,14 +170,19 @@ def score_groups(disc, inputs: list[GroupInputs], pad_id: int, token_budget: int
                 micro_batch_size=max(b["tokens"].shape[0] for b in batches) if batches else 1, forward_only=True)
     finally:
         disc.ddp.train()
-    local = {}
+    local: dict[int, torch.Tensor] = {}
     for batch, out in zip(batches, outputs or []):
-        flat = out["scores"].view(len(batch["groups"]), width)
-        local.update({g: flat[i] for i, g in enumerate(batch["groups"])})
-    return _gather_to_all(local, len(inputs), width)
+        at = 0
+        for p in batch["pieces"]:
+            k = p.size
+            chunk = out["scores"][at:at + 2 * k + 2]
+            row = local.setdefault(p.group, torch.zeros(2 * n + 2))
+            row[p.lo:p.hi], row[n + p.lo:n + p.hi], row[2 * n:] = chunk[:k], chunk[k:2 * k], chunk[2 * k:]
+            at += 2 * k + 2
+    return _gather_to_all(local, len(inputs), 2 * n + 2)
 
 
-def _loss_step(cfg: PrismConfig, num_samples: int, num_valid: int, n: int, num_micro: int, dp: int):
+def _loss_step(cfg: PrismConfig, num_samples: int, num_valid: int, num_micro: int, dp: int):
     from prism_mcore.algorithms.discriminator_loss import alignment_discriminator_loss, clip_scores
     from prism_mcore.models.discriminator import sequence_scores
 
@@ -137,11 +192,9 @@ def _loss_step(cfg: PrismConfig, num_samples: int, num_valid: int, n: int, num_m
         out = model(batch["tokens"], batch["attention_mask"])
 
         def loss_fn(token_scores):
-            g = len(batch["groups"])
-            s = sequence_scores(token_scores, batch["attention_mask"])[:g * (2 * n + 2)].view(g, 2 * n + 2)
-            sp, sr = s[:, :n].reshape(-1), s[:, n:2 * n].reshape(-1)
-            tp, tr = s[:, 2 * n:2 * n + 1].expand(g, n).reshape(-1), s[:, 2 * n + 1:].expand(g, n).reshape(-1)
-            valid = batch["valid"].reshape(-1)
+            rows = sum(2 * p.size + 2 for p in batch["pieces"])
+            sp, sr, tp, tr = _split(sequence_scores(token_scores, batch["attention_mask"])[:rows], batch["pieces"])
+            valid = batch["valid"]
             pair, stats = alignment_discriminator_loss(
                 sp, sr, tp, tr, valid, score_clip=a.score_clip, clip_mode=a.score_clip_mode, score_reg_coef=0.0,
                 num_valid=float(num_valid), global_num_valid=float(num_valid))
@@ -164,12 +217,11 @@ def update_discriminator(disc, cfg: PrismConfig, inputs: list[GroupInputs], vali
     validity; malformed rollouts only enter the score regularizer. Returns metrics (same on every rank)."""
     from megatron.core import parallel_state as ps
 
-    n = len(inputs[0].captions)
-    batches = _batches(inputs, _shares(len(inputs)), pad_id, cfg.data.micro_batch_tokens, valid=valid.float())
+    batches = _batches(inputs, _shares(len(inputs)), pad_id, cfg.data.micro_batch_tokens, valid=valid)
     if disc.net.post_process:
         disc.net.head_dropout.reseed(step)
     num_valid = int(valid.sum())
-    forward = _loss_step(cfg, valid.numel(), num_valid, n, len(batches), ps.get_data_parallel_world_size())
+    forward = _loss_step(cfg, valid.numel(), num_valid, len(batches), ps.get_data_parallel_world_size())
     seq = max(b["tokens"].shape[1] for b in batches)
     rows = max(b["tokens"].shape[0] for b in batches)
     result = disc.train(forward, batches, seq_length=seq, micro_batch_size=rows, step=step,
