@@ -145,12 +145,20 @@ def _few(d: int) -> int:
     return {1: 9, 2: 6}.get(d, 4)
 
 
+def _kinds(p: dict[str, int], table: tuple) -> list[tuple]:
+    """(kind, count) pairs: difficulty 0 names one kind of any sort in `kind`, else kinds 0, 1, ..."""
+    counts = [p[k] for k in sorted(k for k in p if k.startswith("n"))]
+    return [(table[p["kind"]], counts[0])] if "kind" in p else [(table[i], c) for i, c in enumerate(counts)]
+
+
 def _draw_coins(rng: random.Random, d: int) -> dict[str, int]:
+    if d == 0:
+        return {"kind": rng.randrange(len(_COINS)), "n0": rng.randint(1, 9)}
     return {f"n{i}": rng.randint(1, _few(d)) for i in range(min(d + 1, len(_COINS)))}
 
 
 def _build_coins(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
-    kinds = [(_COINS[i], p[f"n{i}"]) for i in range(len(p))]
+    kinds = _kinds(p, _COINS)
     facts = [f"{_plural(n, name + ' coin')} in a purse" for (name, _), n in kinds]
     total = None
     for (name, value), n in kinds:
@@ -165,11 +173,13 @@ _ANIMALS = (("chicken", 2), ("cow", 4), ("spider", 8), ("ant", 6))
 
 
 def _draw_legs(rng: random.Random, d: int) -> dict[str, int]:
+    if d == 0:
+        return {"kind": rng.randrange(len(_ANIMALS)), "n0": rng.randint(1, 9)}
     return {f"n{i}": rng.randint(1, _few(d)) for i in range(min(d + 1, len(_ANIMALS)))}
 
 
 def _build_legs(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
-    kinds = [(_ANIMALS[i], p[f"n{i}"]) for i in range(len(p))]
+    kinds = _kinds(p, _ANIMALS)
     facts = [f"{_plural(n, name)} on a farm" for (name, _), n in kinds]
     total = None
     for (name, legs), n in kinds:
@@ -226,6 +236,9 @@ TEMPLATES: dict[str, _Template] = {
 }
 
 
+ONE_STEP = ("coins", "legs", "marbles")  # the templates with a one-step form at difficulty 0
+
+
 def _build(template: str, params: dict[str, int], slip: tuple[int, int] | None = None) -> tuple[Problem, _Trace]:
     trace = _Trace(slip)
     question, facts, answer = TEMPLATES[template].build(params, trace)
@@ -239,11 +252,13 @@ def _in_range(trace: _Trace) -> bool:
 
 def make_problems(n: int, seed: int, difficulty: int = 1) -> list[Problem]:
     """`n` problems, the same for the same (seed, difficulty); problem i does not depend on `n`.
-    Every intermediate value and the answer lie in 0..99. Difficulty 1..3."""
-    if difficulty < 1:
-        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+    Every intermediate value and the answer lie in 0..99. Difficulty 0..3; difficulty 0 is one
+    arithmetic step (a count times a value, or a count minus a count), the level a tiny model trained
+    for minutes on a CPU can learn."""
+    if difficulty < 0:
+        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
     rng = random.Random(f"prism-synthetic/{seed}/{difficulty}")  # str seeds hash the same in every process
-    names = sorted(TEMPLATES)
+    names = sorted(ONE_STEP if difficulty == 0 else TEMPLATES)
     out = []
     while len(out) < n:
         name = rng.choice(names)

@@ -27,7 +27,7 @@ class DemoPlan:
     num_pairs: int = 256
     num_rl: int = 512
     num_val: int = 64
-    difficulty: int = 1
+    difficulties: tuple[int, ...] = (0, 1)  # equal shares; 0 = one arithmetic step, 1 = two or three
     # "STAGE.key=value" overrides (STAGE: sft, disc_warmup, align, grpo, baseline, or all)
     overrides: list[str] = field(default_factory=list)
 
@@ -46,15 +46,21 @@ def write_data(plan: DemoPlan) -> dict[str, Path]:
     the task has a finite number of them at difficulty 1)."""
     from prism_mcore.data.synthetic import make_problems, write_rl_parquet, write_sft_jsonl, write_warmup_jsonl
 
+    def problems(n: int, seed: int):
+        """Equal shares of each difficulty, interleaved."""
+        share = -(-n // len(plan.difficulties))
+        per_level = [make_problems(share, seed, level) for level in plan.difficulties]
+        return [p for group in zip(*per_level) for p in group][:n]
+
     d = plan.out / "data"
     files = {"sft": d / "sft.jsonl", "pairs": d / "warmup_pairwise.jsonl", "rl": d / "rl.parquet",
              "val": d / "val.parquet"}
     if all(f.exists() for f in files.values()):
         return files
-    write_sft_jsonl(make_problems(plan.num_sft, seed=10, difficulty=plan.difficulty), files["sft"])
-    write_warmup_jsonl(make_problems(plan.num_pairs, seed=11, difficulty=plan.difficulty), files["pairs"], seed=12)
-    write_rl_parquet(make_problems(plan.num_rl, seed=13, difficulty=plan.difficulty), files["rl"])
-    write_rl_parquet(make_problems(plan.num_val, seed=99, difficulty=plan.difficulty), files["val"], with_teacher=False)
+    write_sft_jsonl(problems(plan.num_sft, seed=10), files["sft"])
+    write_warmup_jsonl(problems(plan.num_pairs, seed=11), files["pairs"], seed=12)
+    write_rl_parquet(problems(plan.num_rl, seed=13), files["rl"])
+    write_rl_parquet(problems(plan.num_val, seed=99), files["val"], with_teacher=False)
     return files
 
 
