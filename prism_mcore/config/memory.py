@@ -309,12 +309,12 @@ def _warmup_micro(cfg: PrismConfig) -> tuple[int, int, int]:
 
 
 def _align_disc_micro(cfg: PrismConfig) -> tuple[int, int, int]:
-    """disc_update._micro_batches: whole prompt groups (2n + 2 rows: the n captions, n reasonings and
-    the teacher's two) padded to the longest row, as many as fit the budget, at least one."""
+    """disc_update._pieces: k rollouts of one prompt group (2k rows: their captions and reasonings) plus
+    the teacher's two rows, padded to the longest row, as many rollouts as fit the budget, at least one."""
     seq = cfg.data.max_prompt_length + cfg.data.max_response_length
-    group_rows = 2 * cfg.rollout.n + 2
-    groups = max(1, cfg.data.micro_batch_tokens // (group_rows * seq))
-    return groups * group_rows * seq, groups * group_rows, seq
+    per_rollout = max(1, min(cfg.rollout.n, (cfg.data.micro_batch_tokens // seq - 2) // 2))
+    rows = 2 * per_rollout + 2
+    return rows * seq, rows, seq
 
 
 def _rollout_weights(cfg: PrismConfig) -> int:
@@ -346,7 +346,7 @@ def estimate_memory(cfg: PrismConfig, world_size: int | None = None,
         disc = model_memory("discriminator", d.model, d.parallel, d.optim.use_distributed_optimizer, world,
                             tokens=tokens, rows=rows, seq=seq, head="value", unfused_attention=True)
         if tokens > cfg.data.micro_batch_tokens:
-            disc.notes.append(f"a micro-batch is one whole prompt group: {rows} rows x {seq} tokens = {tokens} "
-                              f"> data.micro_batch_tokens={cfg.data.micro_batch_tokens} (trainer/disc_update.py)")
+            disc.notes.append(f"the smallest micro-batch is one rollout with its teacher: {rows} rows x {seq} tokens "
+                              f"= {tokens} > data.micro_batch_tokens={cfg.data.micro_batch_tokens}")
         models.append(disc)
     return MemoryEstimate(world, models, _rollout_weights(cfg), int(gpu_gib * GiB))
