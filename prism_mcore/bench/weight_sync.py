@@ -10,7 +10,7 @@ stages them (validated, via Ray) -> commit on every engine. Receiving engines:
     layerwise reload, which on CPU also re-packs every linear layer for oneDNN.
 Two sender modes are timed: `copy` (every tensor packed into the /dev/shm staging slots) and `zero_copy`
 (after `share_weights_memory`: tensors that are views of this rank's parameters travel as references and
-the engine reads them from trainer memory; the headline, unless --transport ray). Per mode, the first sync
+the engine reads them from trainer memory; the headline with --transport shm, the default). Per mode, the first sync
 (allocating and mapping staging) is a warm-up and the median of the next `--reps` is reported. memcpy:
 `dst.copy_(src)` of a pre-faulted 1 GiB (`--memcpy-mb`) float32 tensor in the trainer process, measured
 right before every timed sync (median), since the machine may be shared.
@@ -140,7 +140,8 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
            "pack_s": med(r.pack_s for r in timed),
            "send_s": med(r.send_s for r in timed), "commit_s": med(r.commit_s for r in timed),
            "receive_copy_s": med(next(iter(r.engines.values())).extra.get("receive_copy_s", 0.0) for r in timed),
-           "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies}
+           "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies,
+           "load_avg_1m": os.getloadavg()[0]}  # the machine may be shared: how busy it was
     out["gbps"] = out["bytes"] / out["seconds"] / 1e9
     out["ratio_to_memcpy"] = out["gbps"] / out["memcpy_gbps"]
     return out
@@ -207,7 +208,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--engine", choices=["receiver", "vllm", "both"], default="both",
                    help="receiving side (default both: receiver is the headline, vllm is reported beside it)")
     p.add_argument("--tp", type=int, default=1, help="trainer tensor-parallel ranks (1 or 2)")
-    p.add_argument("--transport", choices=["shm", "ray"], default="shm")
+    p.add_argument("--transport", choices=["shm", "ray", "torch_distributed"], default="shm",
+                   help="zero-copy references exist only with shm; the other transports are reported in copy mode")
     p.add_argument("--bucket-mb", type=float, default=512, help="bucket size (rollout.weight_bucket_mb's default)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--memcpy-mb", type=int, default=1024, help="size of the memcpy reference copy")
@@ -236,7 +238,7 @@ def main(argv: list[str]) -> int:
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-    mode = "copy" if args.transport == "ray" else "zero_copy"  # references cannot cross nodes
+    mode = "zero_copy" if args.transport == "shm" else "copy"  # references cannot cross nodes
     head = results[kinds[0]][mode]
     out = {**{k: head[k] for k in ("bytes", "seconds", "gbps", "memcpy_gbps", "ratio_to_memcpy")},
            "engine": kinds[0], "mode": mode, "tp": args.tp, "transport": args.transport,
@@ -245,7 +247,7 @@ def main(argv: list[str]) -> int:
         for m, r in modes.items():
             print(f"  {kind:8s} {m:9s} {r['bytes'] / 1e6:7.1f} MB in {r['seconds']:.3f} s = {r['gbps']:5.2f} GB/s "
                   f"(pack {r['pack_s']:.3f} s, send {r['send_s']:.3f} s, commit {r['commit_s']:.3f} s); "
-                  f"memcpy {r['memcpy_gbps']:.2f} GB/s; ratio {r['ratio_to_memcpy']:.2f}")
+                  f"memcpy {r['memcpy_gbps']:.2f} GB/s; ratio {r['ratio_to_memcpy']:.2f}; load {r['load_avg_1m']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

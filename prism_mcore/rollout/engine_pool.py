@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -179,6 +180,7 @@ class EnginePool:
         self.max_restarts, self.engine_cls = max_restarts, engine_cls
         self.actors: list = []
         self.version = 0  # newest weight version seen on any engine
+        self.pool_id = uuid.uuid4().hex[:12]
         self.last_stats = PoolStats()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class EnginePool:
     def endpoints(self) -> EngineEndpoints:
         address = ray.get_runtime_context().gcs_address
         nodes = self._get([a.node_id.remote() for a in self.actors], "node lookup", None)
-        return EngineEndpoints(address, self.namespace, list(self.names), nodes)
+        return EngineEndpoints(address, self.namespace, list(self.names), nodes, self.pool_id)
 
     def _get(self, refs: list, what: str, step: int | None, timeout_s: float | None = None) -> list:
         timeout = self.rollout.timeout_s if timeout_s is None else timeout_s

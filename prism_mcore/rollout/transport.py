@@ -29,7 +29,8 @@ import torch
 
 from prism_mcore.rollout.engine import TensorEntry
 
-REF_GROUP_BYTES = 32 * 2**20  # references per message; finer than buckets, since they hold no memory
+REF_GROUP_BYTES = 128 * 2**20  # references per message (at most a bucket): engines start early, and
+# few messages (each costs an engine ~1-2 ms of Ray task overhead)
 ALIGN = 64  # every tensor starts on a cache line, so dtype views of the buffer are always aligned
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "prism_ws_"
@@ -37,6 +38,38 @@ SHM_PREFIX = "prism_ws_"
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+class Reshaped:
+    """`source.reshape(shape)` where that reshape would copy (e.g. the QKV split of Megatron's interleaved
+    rows), not materialized: packers copy `source` straight into the bucket, one copy instead of two and no
+    freshly allocated (page-faulting) tensor. `materialize()` gives the plain tensor."""
+
+    def __init__(self, source: torch.Tensor, shape: tuple[int, ...]):
+        self.source, self.shape = source, torch.Size(shape)
+        self.dtype = source.dtype
+
+    def numel(self) -> int:
+        return self.source.numel()
+
+    def element_size(self) -> int:
+        return self.source.element_size()
+
+    def detach(self) -> "Reshaped":
+        return self
+
+    def materialize(self) -> torch.Tensor:
+        return self.source.reshape(self.shape)
+
+    def clone(self) -> torch.Tensor:
+        return self.source.reshape(self.shape).clone()
+
+
+def _copy_into(dst: torch.Tensor, t) -> None:
+    if isinstance(t, Reshaped):
+        dst.view(t.source.shape).copy_(t.source)
+    else:
+        dst.copy_(t)
 
 
 def _view(buffer: torch.Tensor, e: TensorEntry) -> torch.Tensor:
@@ -257,7 +290,7 @@ def layout_table(pairs: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorEntr
 
 def _fill(buffer: torch.Tensor, table: list[TensorEntry], pairs: list[tuple[str, torch.Tensor]]) -> None:
     for e, (_, t) in zip(table, pairs):
-        _view(buffer, e).copy_(t)
+        _copy_into(_view(buffer, e), t)
 
 
 def write_shm_bucket(pairs: list[tuple[str, torch.Tensor]], tag: str, slot: int | None = None) -> ShmBucket:
@@ -326,12 +359,15 @@ class BucketPacker:
         self.pack_s = 0.0  # time spent copying tensors into buckets
         self.send_s = 0.0  # time spent handing buckets over (including waiting for the previous one)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: "torch.Tensor | Reshaped") -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        ref = shared_ref(name, tensor) if self.transport == "shm" else None
+        ref = shared_ref(name, tensor) if self.transport == "shm" and isinstance(tensor, torch.Tensor) else None
         if ref is not None:
             # References cost no staging memory: send them in small groups so engines start reading early.
+            # Copies pending since the last group go first, so buckets stay in (layer) order: vLLM's layerwise
+            # reload buffers a layer until it is complete, and the engine copies while the next group packs.
             if self.pending_refs and self.pending_ref_bytes + nbytes > min(self.bucket_bytes, REF_GROUP_BYTES):
+                self._flush_copies()
                 self._flush_refs()
             self.pending_refs.append(ref)
             self.pending_ref_bytes += nbytes
@@ -346,8 +382,8 @@ class BucketPacker:
 
     def flush(self) -> None:
         """Send what is pending; with torch_distributed, also wait until every broadcast completed."""
-        self._flush_refs()
         self._flush_copies()
+        self._flush_refs()
         if self.dist_sender is not None:
             t0 = time.perf_counter()
             self.dist_sender.finish()

@@ -32,6 +32,9 @@ from prism_mcore.rollout.transport import BucketPacker, arena
 log = logging.getLogger("prism.rollout")
 
 
+_ACTORS: dict[tuple, list] = {}  # EngineEndpoints.connect's handles
+
+
 class WeightSyncError(RuntimeError):
     """A sync failed; every engine that did not commit still serves its previous version."""
 
@@ -43,13 +46,19 @@ class EngineEndpoints:
     namespace: str
     names: list[str]
     node_ids: list[str] = field(default_factory=list)
+    pool_id: str = ""  # one per EnginePool instance: actor handles are cached per pool, not per name
 
     def connect(self) -> list:
+        """Handles of the engine actors (looked up once per pool and process: each lookup is a GCS round
+        trip; a handle stays valid across Ray's restarts of its actor)."""
         import ray
 
         if not ray.is_initialized():
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False, configure_logging=False)
-        return [ray.get_actor(n, namespace=self.namespace) for n in self.names]
+        key = (self.address, self.namespace, tuple(self.names), self.pool_id)
+        if not self.pool_id or key not in _ACTORS:
+            _ACTORS[key] = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
+        return _ACTORS[key]
 
     def transport_for_here(self) -> str:
         """shm when every engine runs on this node (buffers are mapped, not copied), else the object store."""
@@ -106,6 +115,36 @@ def _unit_order(key: str, layer: int | None) -> tuple:
     if layer is None:
         return (0 if key.startswith("embedding") else 2, -1, key)
     return (1, layer, key)
+
+
+# id(model) -> (fingerprint, this rank's shards, units). The shards are views of the parameters, so a
+# plan stays right for as long as the parameters keep their memory (the fingerprint) and layout.
+_PLANS: dict[int, tuple[tuple, list, list]] = {}
+
+
+def _fingerprint(model: torch.nn.Module, model_cfg) -> tuple:
+    return (dist.get_world_size(), bool(model_cfg.tie_word_embeddings),
+            tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in model.parameters()))
+
+
+def _cached_plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
+    """`_plan`, computed once per model: Megatron's sharded_state_dict and the metadata all-gather cost
+    tens of ms per sync. Whether the cached plans are still valid is agreed on by all ranks (one tiny
+    all-reduce), so either every rank re-plans or none."""
+    fingerprint = _fingerprint(model, model_cfg)
+    cached = _PLANS.get(id(model))
+    valid = torch.tensor([1 if cached is not None and cached[0] == fingerprint else 0])
+    dist.all_reduce(valid, op=dist.ReduceOp.MIN)
+    if bool(valid.item()):
+        return cached[1], cached[2]
+    mine, units = _plan(model, model_cfg)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    _PLANS.pop(id(model), None)
+    if all(s.data.untyped_storage().data_ptr() in storages for s in mine):  # only views can be reused
+        _PLANS[id(model)] = (fingerprint, mine, units)
+        while len(_PLANS) > 2:  # the views keep their model's memory alive: only the latest models
+            del _PLANS[next(iter(_PLANS))]
+    return mine, units
 
 
 def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
@@ -201,13 +240,32 @@ def _assemble(unit: _Unit, me: int, mine: list) -> torch.Tensor:
     return value
 
 
-def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    """Collective over the default process group: yields, on each unit's sender, the HF (name, tensor)
-    pairs of that unit. Every rank must drain the iterator. Tensors may be views of live parameters."""
+def _hf_sources(model_cfg, key: str, layer: int | None, value: torch.Tensor) -> Iterator[tuple[str, Any]]:
+    """`hf_tensors`, except that an HF tensor the adapter would materialize with a copying reshape comes as
+    `Reshaped(strided view, HF shape)`: the QKV split of Megatron's rows interleaved per KV group
+    ([q heads, k, v] per group). Names and shapes are the adapter's (asked on a meta tensor)."""
     from prism_mcore.models.qwen3.hf_adapter import hf_tensors
+    from prism_mcore.rollout.transport import Reshaped
 
+    if key.endswith("self_attention.linear_qkv.weight") and value.dim() == 2 and value.is_contiguous():
+        m = model_cfg
+        groups, hd = m.num_key_value_heads, m.head_dim
+        per_group = m.num_attention_heads // groups
+        if value.shape[0] == groups * (per_group + 2) * hd:
+            parts = torch.split(value.view(groups, (per_group + 2) * hd, -1), [per_group * hd, hd, hd], dim=1)
+            names = [(n, tuple(t.shape)) for n, t in hf_tensors(m, key, layer, value.to("meta"))]
+            if len(names) == 3 and all(t.numel() == torch.Size(shape).numel() for t, (_, shape) in zip(parts, names)):
+                for t, (name, shape) in zip(parts, names):
+                    try:
+                        yield name, t.view(shape)  # one KV group: still a view
+                    except RuntimeError:
+                        yield name, Reshaped(t, shape)
+                return
+    yield from hf_tensors(model_cfg, key, layer, value)
+
+
+def _iter_sources(model_cfg, mine: list, units: list[_Unit]) -> Iterator[tuple[str, Any]]:
     me = dist.get_rank()
-    mine, units = _plan(model, model_cfg)
     for unit in units:
         if unit.sender != me:
             for piece in unit.pieces:
@@ -217,7 +275,17 @@ def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, to
         value = _in_place(unit, me, mine)
         if value is None:
             value = _assemble(unit, me, mine)
-        yield from hf_tensors(model_cfg, unit.key, unit.layer, value)
+        yield from _hf_sources(model_cfg, unit.key, unit.layer, value)
+
+
+def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective over the default process group: yields, on each unit's sender, the HF (name, tensor)
+    pairs of that unit. Every rank must drain the iterator. Tensors may be views of live parameters."""
+    from prism_mcore.rollout.transport import Reshaped
+
+    mine, units = _cached_plan(model, model_cfg)
+    for name, t in _iter_sources(model_cfg, mine, units):
+        yield name, t.materialize() if isinstance(t, Reshaped) else t
 
 
 # ---- sync -------------------------------------------------------------------------------------------
@@ -289,6 +357,15 @@ def _options(rollout_cfg, probe, **explicit) -> _Options:
     if opts.transport not in ("auto", "shm", "ray", "torch_distributed"):
         raise ValueError(f"unknown weight transport {opts.transport!r} (auto, shm, ray or torch_distributed)")
     return opts
+
+
+def _no_torch_function():
+    """The streaming loop runs thousands of view/copy ops of our own; on CPU machines the process-wide
+    TorchFunctionMode of `platform/cpu_compat.py` (cuda -> cpu device rewriting) costs ~10 us on each
+    (~50 ms per sync of a 640 MB model). None of those ops names a device, so the loop runs without it."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return torch._C.DisableTorchFunction() if _get_current_function_mode_stack() else contextlib.nullcontext()
 
 
 def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, version: int,
@@ -379,12 +456,14 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
                           dist_sender=dist_sender)
     # Keep draining the collective even after a local failure, or the other ranks would wait forever.
     t_loop = time.perf_counter()
-    for name, tensor in iter_hf_tensors(model, model_cfg):
-        if error is None:
-            try:
-                packer.add(name, tensor)
-            except Exception as e:  # noqa: BLE001
-                error = f"rank {me}: {e}"
+    mine, units = _cached_plan(model, model_cfg)
+    with _no_torch_function():
+        for name, tensor in _iter_sources(model_cfg, mine, units):
+            if error is None:
+                try:
+                    packer.add(name, tensor)
+                except Exception as e:  # noqa: BLE001
+                    error = f"rank {me}: {e}"
     if error is None:
         try:
             packer.flush()

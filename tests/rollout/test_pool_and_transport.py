@@ -8,7 +8,7 @@ from pool_helpers import rollout_config
 from prism_mcore.rollout.engine import EngineError, Prompt, SamplingParams
 from prism_mcore.rollout.engine_pool import EnginePool, EngineTimeoutError, make_placement
 from prism_mcore.rollout.probe import LogprobMismatch, Probe, check_probe, rollout_mismatch
-from prism_mcore.rollout.transport import BucketPacker, LocalBucket, arena
+from prism_mcore.rollout.transport import BucketPacker, LocalBucket, Reshaped, arena
 
 SCHEMA = {"w": ((4,), "float32")}
 ECHO = "fake_engines:EchoEngine"
@@ -70,10 +70,15 @@ def test_placement_bundles(ray_cluster):
 def test_packer_buckets_round_trip(transport, ray_cluster):
     tensors = [(f"t{i}", torch.randn(1000 * (i + 1))) for i in range(6)] + [("big", torch.randn(50_000))]
     tensors.append(("bf16", torch.randn(7, 3).to(torch.bfloat16)))
+    # A strided view whose reshape would copy (the QKV split) is packed without materializing it first.
+    qkv = torch.randn(2, 6, 5)
+    lazy = Reshaped(qkv[:, :4, :], (8, 5))
     got = []
     packer = BucketPacker(got.append, bucket_bytes=12_000, transport=transport, tag="unit_test")
     for name, t in tensors:
         packer.add(name, t)
+    packer.add("q", lazy)
+    tensors.append(("q", lazy.materialize()))
     packer.flush()
     try:
         out = dict(pair for b in got for pair in b.open())
