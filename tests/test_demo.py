@@ -52,7 +52,8 @@ def test_demo_report(demo):
     grpo = [r for r in _rows(out / "grpo" / "metrics.jsonl") if "reward" in r]
     assert len(baseline) == ALIGN_STEPS + len(grpo)  # the same number of policy updates after SFT
     # the discriminator is exported as an HF sequence classifier next to the aligned policy
-    assert json.loads((out / "align" / "discriminator_hf" / "config.json").read_text())["num_experts"] == 4
+    disc = json.loads((out / "align" / "discriminator_hf" / "config.json").read_text())
+    assert disc["architectures"] == ["Qwen3MoeForSequenceClassification"] and disc["num_local_experts"] == 4
 
 
 @pytest.mark.timeout(1600)
