@@ -39,7 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
 DELEGATED = {
     "convert": ("prism_mcore.checkpoint.convert", "HF <-> Megatron checkpoint conversion"),
     "upcycle": ("prism_mcore.models.qwen3.upcycle", "dense HF Qwen3 -> HF Qwen3-MoE (sparse upcycling)"),
-    "bench": ("prism_mcore.bench", "benchmarks: logprob | grouped-gemm | router | ceiling | weight-sync"),
+    "bench": ("prism_mcore.bench", "benchmarks: logprob | grouped-gemm | router | ceiling | weight-sync | rl-step"),
 }
 
 
