@@ -159,9 +159,9 @@ class Rollouts:
         """Collective: the trained policy's weights into every engine, as weight version `version`."""
         from prism_mcore.rollout.weight_sync import sync_weights
 
-        r = self.cfg.rollout
-        return sync_weights(policy, self.cfg.model, self.endpoints, version, bucket_mb=r.weight_bucket_mb,
-                            timeout_s=r.timeout_s, step=version)
+        # bucket size, transport, zero-copy and timeouts from cfg.rollout
+        return sync_weights(policy, self.cfg.model, self.endpoints, version, step=version,
+                            rollout_cfg=self.cfg.rollout)
 
     def close(self) -> None:
         if self.pool:
