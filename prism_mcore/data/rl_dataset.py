@@ -229,6 +229,11 @@ class RLDataset:
             yield [self.examples[i] for i in order[start:self._offset]]
         self._epoch, self._offset = epoch + 1, 0
 
+    def endless(self, batch_size: int, seed: int) -> Iterator[list[RLExample]]:
+        """Batches across epochs; the dataset's own position makes this resumable."""
+        while True:
+            yield from self.batches(batch_size, seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "offset": self._offset, "seed": self._seed, "num_examples": len(self.examples)}
 

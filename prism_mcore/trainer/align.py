@@ -62,7 +62,6 @@ def run_align(cfg: PrismConfig) -> dict:
     from prism_mcore.trainer.disc_update import score_groups, update_discriminator
     from prism_mcore.trainer.engines import Rollouts, held_out, should_eval
     from prism_mcore.trainer.policy_update import sequences, update_policy
-    from prism_mcore.trainer.rl import _forever
     from prism_mcore.trainer.run import StageRun, build_policy, export_hf, load_hf_weights, trainable
 
     tok = qwen3_tokenizer()
@@ -81,7 +80,7 @@ def run_align(cfg: PrismConfig) -> dict:
         data.load_state_dict(run.resumed["data"])
     engines = Rollouts(cfg, tok, cfg.model.hf_path)
     a, n = cfg.algorithm, cfg.rollout.n
-    batches = _forever(data, cfg.data.global_batch_size, cfg.data.seed)
+    batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
     try:
         if run.start:

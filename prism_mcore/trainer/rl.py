@@ -12,12 +12,6 @@ import torch
 from prism_mcore.config import PrismConfig
 
 
-def _forever(data, batch_size: int, seed: int):
-    """Batches across epochs; the dataset's own position makes this resumable."""
-    while True:
-        yield from data.batches(batch_size, seed)
-
-
 def dapo_batch(cfg: PrismConfig, rollouts_of, batches, step: int):
     """DAPO dynamic sampling: generation batches of `gen_batch_size` prompts until `global_batch_size`
     prompt groups whose accuracy varies are collected (at most `max_gen_batches` batches; then train
@@ -67,7 +61,7 @@ def run_rl(cfg: PrismConfig) -> dict:
         data.load_state_dict(run.resumed["data"])
     engines = Rollouts(cfg, tok, cfg.model.hf_path)
     buffer = cfg.algorithm.overlong_buffer_tokens(cfg.rollout.max_tokens)
-    batches = _forever(data, cfg.data.global_batch_size, cfg.data.seed)
+    batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
     try:
         if run.start:  # engines start from the initial weights: bring them to the resumed ones

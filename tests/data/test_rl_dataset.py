@@ -150,3 +150,20 @@ def test_batches_shuffle_and_resume_deterministically(tmp_path, tok, problems):
     with pytest.raises(DataError, match="usable rows"):
         RLDataset(path, tok, MAX_PROMPT).load_state_dict({**state, "num_examples": 49})
 
+
+
+def test_endless_batches_cross_epochs_and_resume(tmp_path):
+    from prism_mcore.data.rl_dataset import RLDataset
+    from prism_mcore.data.synthetic import make_problems, write_rl_parquet
+    from prism_mcore.data.tokenizer import qwen3_tokenizer
+
+    write_rl_parquet(make_problems(5, seed=0), tmp_path / "rl.parquet")
+    data = RLDataset(tmp_path / "rl.parquet", qwen3_tokenizer(), 512)
+    stream = data.endless(2, seed=7)
+    first = [[e.index for e in next(stream)] for _ in range(3)]  # 2 per epoch (drop_last), then epoch 1
+    assert all(len(b) == 2 for b in first) and len(set(first[0] + first[1])) == 4  # one epoch, no repeats
+    assert data.state_dict()["epoch"] == 1  # the third batch came from the next epoch
+    state = data.state_dict()
+    again = RLDataset(tmp_path / "rl.parquet", qwen3_tokenizer(), 512)
+    again.load_state_dict(state)
+    assert [e.index for e in next(again.endless(2, seed=7))] == [e.index for e in next(stream)]
