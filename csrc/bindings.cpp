@@ -1,6 +1,7 @@
 // Python face of prism_mcore._C. The Python wrappers in prism_mcore/ops own the argument conventions
 // (output buffers allocated there, so a debug mode can poison them); these bindings only forward.
-#include <torch/extension.h>
+// pybind11 with torch's Tensor casters, without torch/extension.h's whole C++ frontend (half the build time).
+#include <torch/csrc/utils/pybind.h>
 
 #include "logprob.h"
 

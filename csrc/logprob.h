@@ -9,7 +9,8 @@
 //   row 3  tz: z of the target token if this shard owns it, else 0 (so a SUM over shards recovers it)
 #pragma once
 
-#include <ATen/ATen.h>
+// The Tensor class only (not ATen/ATen.h, every operator): the build parses this header four times.
+#include <ATen/core/Tensor.h>
 
 namespace prism {
 

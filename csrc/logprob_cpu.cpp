@@ -3,6 +3,7 @@
 // compiles for x86-64-v2 and the scalar std::exp would otherwise cost as much as a large share of the GEMM.
 #include "logprob.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

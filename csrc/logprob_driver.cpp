@@ -3,6 +3,10 @@
 // Memory is O(T * d + chunk_tokens * chunk_vocab) beyond the inputs and gradients, independent of V * T.
 #include "logprob.h"
 
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
 #include <algorithm>
 
 namespace prism {
