@@ -5,6 +5,7 @@ Config errors (and other user errors) print one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from prism_mcore.config import ConfigError, load_config
@@ -47,6 +48,8 @@ def _train(args: argparse.Namespace) -> int:
     from prism_mcore.trainer.train import train
 
     result = train(load_config(args.config, args.overrides))
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) != 0:
+        return 0  # under srun/torchrun every task gets the same result: one line per job, not per task
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
 
