@@ -7,7 +7,24 @@ import json
 import sys
 from pathlib import Path
 
-CHANCE = 0.01  # answers are integers in 0..99
+CHANCE = 0.01  # answers are integers in 0..99; small ones are far more common, hence `prior_accuracy`
+
+
+def prior_accuracy(train_parquet: Path, val_parquet: Path) -> float | None:
+    """Held-out accuracy of always answering the most common training answer: the level a model that
+    ignores the question reaches (5-6% on the demo's task, not the 1% of a uniform guess)."""
+    if not (train_parquet.exists() and val_parquet.exists()):
+        return None
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    def answers(path: Path) -> list[str]:
+        return [r["ground_truth"] for r in pq.read_table(path, columns=["reward_model"]).column(0).to_pylist()]
+
+    val = answers(val_parquet)
+    top, _ = Counter(answers(train_parquet)).most_common(1)[0]
+    return sum(a == top for a in val) / len(val) if val else None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -41,7 +58,9 @@ def build_report(out: str | Path) -> dict:
     def pct(e, i):
         return "—" if e is None else f"{100 * e[i]:.1f}%"
 
-    table = Table(title=f"held-out greedy accuracy / format rate (chance accuracy {100 * CHANCE:.0f}%)")
+    prior = prior_accuracy(out / "data" / "rl.parquet", out / "data" / "val.parquet")
+    baseline_note = "" if prior is None else f"; the most common answer alone scores {100 * prior:.1f}%"
+    table = Table(title=f"held-out greedy accuracy / format rate (uniform guess {100 * CHANCE:.0f}%{baseline_note})")
     for col in ("after stage", "PRISM arm acc", "PRISM arm format", "baseline acc", "baseline format"):
         table.add_column(col, justify="right" if col != "after stage" else "left")
     table.add_row("SFT", pct(sft_eval, 1), pct(sft_eval, 2), pct(sft_eval, 1), pct(sft_eval, 2))
@@ -54,13 +73,14 @@ def build_report(out: str | Path) -> dict:
         "warmup_loss": [warm[0]["loss"], warm[-1]["loss"]] if warm else None,
         "warmup_pair_accuracy": warm[-1]["accuracy"] if warm else None,
         "align_score_gap": [gaps[0], gaps[-1]] if gaps else None,
+        "prior_accuracy": prior,
         "accuracy": {"sft": sft_eval and sft_eval[1], "align": after_align and after_align[1],
                      "prism_grpo": after_grpo and after_grpo[1], "baseline_grpo": after_base and after_base[1]},
         "format": {"sft": sft_eval and sft_eval[2], "align": after_align and after_align[2],
                    "prism_grpo": after_grpo and after_grpo[2], "baseline_grpo": after_base and after_base[2]},
     }
     plot = out / "curves.png"
-    _plot(m, plot)
+    _plot(m, plot, prior)
     complete = all(v is not None for v in (sft_eval, after_align, after_grpo, after_base)) and plot.exists()
     caption = []
     if summary["warmup_loss"]:
@@ -72,7 +92,7 @@ def build_report(out: str | Path) -> dict:
     return {"table": table, "summary": summary, "plot": str(plot), "complete": complete}
 
 
-def _plot(m: dict[str, list[dict]], path: Path) -> None:
+def _plot(m: dict[str, list[dict]], path: Path, prior: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +130,9 @@ def _plot(m: dict[str, list[dict]], path: Path) -> None:
     for series, label in ((evals_prism, "PRISM arm"), (evals_base, "baseline")):
         if series:
             ax[1, 1].plot(*zip(*series), "o-", label=label)
-    ax[1, 1].axhline(CHANCE, color="grey", ls=":", label="chance")
+    ax[1, 1].axhline(CHANCE, color="grey", ls=":", label="uniform guess")
+    if prior is not None:
+        ax[1, 1].axhline(prior, color="grey", ls="--", label="most common answer")
     ax[1, 1].set(title="held-out greedy accuracy", xlabel="policy update after SFT", ylim=(-0.02, 1.02))
     ax[1, 1].legend()
     fig.tight_layout()
