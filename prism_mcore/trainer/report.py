@@ -12,7 +12,7 @@ CHANCE = 0.01  # answers are integers in 0..99; small ones are far more common, 
 
 def prior_accuracy(train_parquet: Path, val_parquet: Path) -> float | None:
     """Held-out accuracy of always answering the most common training answer: the level a model that
-    ignores the question reaches (5-6% on the demo's task, not the 1% of a uniform guess)."""
+    ignores the question reaches (12.5% on the demo's 64 held-out prompts, not the 1% of a uniform guess)."""
     if not (train_parquet.exists() and val_parquet.exists()):
         return None
     from collections import Counter
