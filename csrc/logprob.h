@@ -19,14 +19,15 @@ constexpr double kEmptyMax = -1e30;
 
 at::Tensor& logprob_forward_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                   double inv_temp, int64_t vocab_start, int64_t valid_rows, int64_t chunk_tokens,
-                                  int64_t chunk_vocab, at::Tensor& stats, int64_t cuda_stream);
+                                  int64_t chunk_vocab, at::Tensor& stats, at::Tensor& logits_store,
+                                  int64_t cuda_stream);
 
 // Writes every element of grad_hidden [T, d] and grad_weight [V, d] (padded vocab rows get 0).
 void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                       double inv_temp, int64_t vocab_start, int64_t valid_rows, const at::Tensor& lse,
                       const at::Tensor& mean_z, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
                       int64_t chunk_tokens, int64_t chunk_vocab, at::Tensor& grad_hidden, at::Tensor& grad_weight,
-                      int64_t cuda_stream);
+                      at::Tensor& logits_store, int64_t cuda_stream);
 
 // Tile epilogues. `tile` is [rows, cols] contiguous raw logits of tokens t0.. and vocab ids col0.. (global ids);
 // stats columns t0.. are merged in place (or initialised when `first`).

@@ -1,6 +1,8 @@
 // Chunk loop of the fused log-prob: one GEMM per [token chunk x vocab chunk] tile into a reused workspace,
 // then a device epilogue folds the tile into per-token stats (forward) or into d(logit) (backward).
-// Memory is O(T * d + chunk_tokens * chunk_vocab) beyond the inputs and gradients, independent of V * T.
+// Memory is O(T * d + chunk_tokens * chunk_vocab) beyond the inputs and gradients, independent of V * T,
+// unless the caller hands over a `logits_store` of T * valid floats: then the forward keeps every tile
+// there and the backward reads them back instead of recomputing them (one GEMM of four saved).
 #include "logprob.h"
 
 #include <ATen/ops/addmm.h>
@@ -42,6 +44,18 @@ void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool ac
   }
 }
 
+// Tile (t0, v0) of a token chunk of `tc` rows starts at t0 * valid + v0 * tc: each token chunk's tiles are
+// consecutive, so forward (token-major) and backward (vocab-major) address the same tile.
+at::Tensor stored_tile(const at::Tensor& store, int64_t t0, int64_t v0, int64_t tc, int64_t vc, int64_t valid) {
+  return store.narrow(0, t0 * valid + v0 * tc, tc * vc).view({tc, vc});
+}
+
+void check_store(const at::Tensor& store, const at::Tensor& hidden, at::ScalarType acc, int64_t T, int64_t valid) {
+  TORCH_CHECK(store.numel() == 0 || (store.numel() == T * valid && store.scalar_type() == acc &&
+                                     store.is_contiguous() && store.device() == hidden.device()),
+              "logits_store must be empty or a contiguous [T * valid_rows] tensor of the accumulation dtype");
+}
+
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden must be [T, d] and weight [V, d]");
   TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden and weight disagree on d: ", hidden.size(1), " vs ",
@@ -72,7 +86,8 @@ void forward_epilogue(const at::Tensor& tile, const at::Tensor& targets, int64_t
 
 at::Tensor& logprob_forward_stats(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                   double inv_temp, int64_t vocab_start, int64_t valid_rows, int64_t chunk_tokens,
-                                  int64_t chunk_vocab, at::Tensor& stats, int64_t cuda_stream) {
+                                  int64_t chunk_vocab, at::Tensor& stats, at::Tensor& logits_store,
+                                  int64_t cuda_stream) {
   check_inputs(hidden, weight, targets);
   const auto acc = acc_type(hidden);
   const int64_t T = hidden.size(0), V = weight.size(0);
@@ -80,6 +95,8 @@ at::Tensor& logprob_forward_stats(const at::Tensor& hidden, const at::Tensor& we
               "stats must be a contiguous [4, T] tensor of the accumulation dtype");
   TORCH_CHECK(chunk_tokens > 0 && chunk_vocab > 0 && inv_temp > 0, "chunks and 1/temperature must be positive");
   const int64_t valid = std::clamp<int64_t>(valid_rows, 0, V);
+  check_store(logits_store, hidden, acc, T, valid);
+  const bool keep = logits_store.numel() > 0;
   if (T == 0) return stats;
   if (valid == 0) {  // a shard holding only padding rows contributes nothing to any token
     stats.select(0, 0).fill_(kEmptyMax);
@@ -87,13 +104,14 @@ at::Tensor& logprob_forward_stats(const at::Tensor& hidden, const at::Tensor& we
     return stats;
   }
   const int64_t tc_max = std::min(chunk_tokens, T), vc_max = std::min(chunk_vocab, valid);
-  at::Tensor tile_buf = at::empty({tc_max * vc_max}, hidden.options().dtype(acc));
+  at::Tensor tile_buf = keep ? at::Tensor() : at::empty({tc_max * vc_max}, hidden.options().dtype(acc));
   for (int64_t t0 = 0; t0 < T; t0 += tc_max) {
     const int64_t tc = std::min(tc_max, T - t0);
     const at::Tensor hc = operand(hidden.narrow(0, t0, tc), acc);
     for (int64_t v0 = 0; v0 < valid; v0 += vc_max) {
       const int64_t vc = std::min(vc_max, valid - v0);
-      at::Tensor tile = tile_buf.narrow(0, 0, tc * vc).view({tc, vc});
+      at::Tensor tile = keep ? stored_tile(logits_store, t0, v0, tc, vc, valid)
+                             : tile_buf.narrow(0, 0, tc * vc).view({tc, vc});
       gemm_nt(tile, hc, operand(weight.narrow(0, v0, vc), acc));
       forward_epilogue(tile, targets, t0, vocab_start + v0, inv_temp, v0 == 0, stats, cuda_stream);
     }
@@ -105,7 +123,7 @@ void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const 
                       double inv_temp, int64_t vocab_start, int64_t valid_rows, const at::Tensor& lse,
                       const at::Tensor& mean_z, const at::Tensor& grad_logp, const at::Tensor& grad_entropy,
                       int64_t chunk_tokens, int64_t chunk_vocab, at::Tensor& grad_hidden, at::Tensor& grad_weight,
-                      int64_t cuda_stream) {
+                      at::Tensor& logits_store, int64_t cuda_stream) {
   check_inputs(hidden, weight, targets);
   const auto acc = acc_type(hidden);
   const int64_t T = hidden.size(0), V = weight.size(0), d = hidden.size(1);
@@ -118,6 +136,8 @@ void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const 
               "gradients must be contiguous and shaped like hidden and weight");
   TORCH_CHECK(chunk_tokens > 0 && chunk_vocab > 0 && inv_temp > 0, "chunks and 1/temperature must be positive");
   const int64_t valid = std::clamp<int64_t>(valid_rows, 0, V);
+  check_store(logits_store, hidden, acc, T, valid);
+  const bool kept = logits_store.numel() > 0;
   if (valid == 0 || T == 0) {
     grad_hidden.zero_();
     grad_weight.zero_();
@@ -127,9 +147,10 @@ void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const 
   const int64_t tc_max = std::min(chunk_tokens, T), vc_max = std::min(chunk_vocab, valid);
   const auto acc_opts = hidden.options().dtype(acc);
   const bool lowp_cuda = hidden.is_cuda() && hidden.scalar_type() != acc;
-  at::Tensor tile_buf = at::empty({tc_max * vc_max}, acc_opts);
-  // On CUDA, d(logit) is written in the input dtype so the two backward GEMMs run at the bf16/fp16 rate.
-  at::Tensor dz_buf = lowp_cuda ? at::empty({tc_max * vc_max}, hidden.options()) : tile_buf;
+  at::Tensor tile_buf = kept ? at::Tensor() : at::empty({tc_max * vc_max}, acc_opts);
+  // On CUDA, d(logit) is written in the input dtype so the two backward GEMMs run at the bf16/fp16 rate;
+  // elsewhere it overwrites the logits tile in place (a kept store is consumed).
+  at::Tensor dz_buf = lowp_cuda ? at::empty({tc_max * vc_max}, hidden.options()) : at::Tensor();
   at::Tensor dh = grad_hidden.scalar_type() == acc ? grad_hidden : at::empty({T, d}, acc_opts);
   // With a single token chunk each d(weight) slice is one GEMM, so it can go straight to a bf16 output.
   const bool dw_direct = grad_weight.scalar_type() == acc || (lowp_cuda && tc_max == T);
@@ -142,9 +163,10 @@ void logprob_backward(const at::Tensor& hidden, const at::Tensor& weight, const 
     for (int64_t t0 = 0; t0 < T; t0 += tc_max) {
       const int64_t tc = std::min(tc_max, T - t0);
       const at::Tensor hc = operand(hidden.narrow(0, t0, tc), acc);
-      at::Tensor tile = tile_buf.narrow(0, 0, tc * vc).view({tc, vc});
-      at::Tensor dz = dz_buf.narrow(0, 0, tc * vc).view({tc, vc});
-      gemm_nt(tile, hc, wv);
+      at::Tensor tile = kept ? stored_tile(logits_store, t0, v0, tc, vc, valid)
+                             : tile_buf.narrow(0, 0, tc * vc).view({tc, vc});
+      at::Tensor dz = lowp_cuda ? dz_buf.narrow(0, 0, tc * vc).view({tc, vc}) : tile;
+      if (!kept) gemm_nt(tile, hc, wv);
       if (tile.is_cuda()) {
 #ifdef PRISM_WITH_CUDA
         cuda_backward_epilogue(tile, dz, targets, t0, vocab_start + v0, inv_temp, lse, mean_z, grad_logp,

@@ -13,11 +13,13 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from prism_mcore.checkpoint.hf_config import write_scratch_side_files
 from prism_mcore.checkpoint.hf_io import LazyCheckpoint, ShapeMismatch, ShardedWriter, side_files
 from prism_mcore.config import ConfigError, ModelConfig, PrismConfig
 from prism_mcore.config.load import build_config
@@ -136,7 +138,10 @@ def write_hf(net, model: ModelConfig, kind: str, out_dir: str | Path, side_files
                 for name, tensor in _hf_tensors(kind, model, key, layer, value):
                     writer.add(name, tensor)
     if writer:
-        out = writer.close(side_files)
+        with tempfile.TemporaryDirectory() as scratch:
+            if not any(f.name == "config.json" for f in side_files):  # built from `model:` fields, no source
+                side_files = write_scratch_side_files(model, Path(scratch))
+            out = writer.close(side_files)
         if kind == DISCRIMINATOR:
             _as_sequence_classifier(out / "config.json")
     dist.barrier()

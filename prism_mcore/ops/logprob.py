@@ -4,6 +4,12 @@ Every backend produces per-token stats of z = logits / temperature over its voca
 (max m, sum exp(z - m), sum exp(z - m) * (z - m), target z), in fp32 (fp64 for fp64 inputs). Shards combine
 them with one MAX and one SUM all-reduce; the forward saves only lse and E_p[z] per token, and the backward
 recomputes the logits tile by tile. d(hidden) is a per-shard partial sum, all-reduced over the TP group.
+
+Recomputing is what bounds memory, and it costs one GEMM of the four. When the step's logits are small (a CPU
+micro-batch of a few hundred response tokens) and the hidden size makes that GEMM dear, the C++ kernel keeps
+them instead: the forward writes its tiles to a [T, V_local] store, the backward reads them back. On a 2-core
+x86 CPU that is 25-30% faster from d = 256 up, even at d = 128 and 13% slower at d = 64, where streaming the
+store through memory costs more than the K = 64 GEMM (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -16,8 +22,14 @@ from prism_mcore.ops.backends import new_output
 EMPTY_MAX = -1e30  # finite on purpose: (m - M) * s must be 0, not NaN, for a shard that saw no vocab rows
 
 # (chunk_tokens, chunk_vocab) per (backend, device type): the workspace is chunk_tokens * chunk_vocab floats.
-_CHUNKS = {("cpu", "cpp"): (1024, 8192), ("cpu", "torch"): (1024, 8192), ("cpu", "triton"): (1024, 1024),
+_CHUNKS = {("cpu", "cpp"): (1024, 1024), ("cpu", "torch"): (1024, 8192), ("cpu", "triton"): (1024, 1024),
            ("cuda", "cuda"): (16384, 4096), ("cuda", "torch"): (8192, 8192), ("cuda", "triton"): (16384, 8192)}
+
+
+# Largest logits store (bytes, per rank) the C++ kernel keeps for its backward, per device type, and the
+# smallest hidden size for which it does. On GPU the memory is worth more than the GEMM.
+KEEP_LOGITS_BYTES = {"cpu": 512 * 1024**2, "cuda": 0}
+KEEP_LOGITS_MIN_HIDDEN = 256
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,7 +66,7 @@ class _TorchImpl:
     """Plain torch, same tiling as the kernels: the reference that runs everywhere with bounded memory."""
 
     @staticmethod
-    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats):
+    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats, store=None):
         acc = stats.dtype
         if valid == 0:
             stats[0].fill_(EMPTY_MAX)
@@ -83,7 +95,8 @@ class _TorchImpl:
             stats[:, t0:t0 + chunk_t] = torch.stack([m, s, a, tz])
 
     @staticmethod
-    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw):
+    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw,
+                 store=None):
         acc = lse.dtype
         T = h.shape[0]
         if valid == 0 or T == 0:
@@ -118,28 +131,38 @@ def _stream(t: torch.Tensor) -> int:
 
 
 class _CppImpl:
-    """prism_mcore._C: the C++ CPU kernel, or with CUDA tensors cuBLAS tiles + the CUDA epilogue."""
+    """prism_mcore._C: the C++ CPU kernel, or with CUDA tensors cuBLAS tiles + the CUDA epilogue. The only
+    backend that can keep its logits for the backward (`store`, see the module docstring)."""
+
+    keeps_logits = True
 
     @staticmethod
-    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats):
+    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats, store=None):
+        store = _NO_STORE if store is None else store
         backends.extension().logprob_forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats,
-                                                   _stream(h))
+                                                   store, _stream(h))
 
     @staticmethod
-    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw):
+    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw,
+                 store=None):
+        store = _NO_STORE if store is None else store
         backends.extension().logprob_backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent,
-                                              chunk_t, chunk_v, dh, dw, _stream(h))
+                                              chunk_t, chunk_v, dh, dw, store, _stream(h))
+
+
+_NO_STORE = torch.empty(0)
 
 
 class _TritonImpl:
     @staticmethod
-    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats):
+    def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats, store=None):
         from triton_kernels import logprob as tk
 
         tk.forward_stats(h, w, y, inv_temp, vocab_start, valid, stats, new_output=new_output)
 
     @staticmethod
-    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw):
+    def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw,
+                 store=None):
         from triton_kernels import logprob as tk
 
         tk.backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_v, dh, dw,
@@ -151,12 +174,18 @@ _IMPLS = {"torch": _TorchImpl, "cpp": _CppImpl, "cuda": _CppImpl, "triton": _Tri
 
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, vocab_start, valid, tp_group, impl, chunk_t, chunk_v):
+    def forward(ctx, hidden, weight, targets, inv_temp, vocab_start, valid, tp_group, impl, chunk_t, chunk_v,
+                keep_bytes):
         acc = _acc_dtype(hidden.dtype)
         stats = new_output((4, hidden.shape[0]), acc, hidden.device)
-        impl.forward_stats(hidden, weight, targets, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats)
+        store_numel = hidden.shape[0] * valid
+        keep = (getattr(impl, "keeps_logits", False) and any(ctx.needs_input_grad[:2]) and store_numel > 0
+                and store_numel * torch.finfo(acc).bits // 8 <= keep_bytes)
+        store = torch.empty(store_numel, dtype=acc, device=hidden.device) if keep else None
+        impl.forward_stats(hidden, weight, targets, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats, store)
         logp, entropy, lse, mean_z = combine_stats(stats, targets, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+        ctx.store = store  # an intermediate, not an input or output: held on ctx, consumed by the backward
         ctx.args = (inv_temp, vocab_start, valid, tp_group, impl, chunk_t, chunk_v)
         return logp, entropy
 
@@ -169,16 +198,19 @@ class _FusedLogprob(torch.autograd.Function):
         g_ent = zeros if g_entropy is None else g_entropy.to(lse.dtype).contiguous()
         dh = new_output(hidden.shape, hidden.dtype, hidden.device)
         dw = new_output(weight.shape, weight.dtype, weight.device)
+        # The backward overwrites the store with d(logits): a second backward (retain_graph) recomputes.
+        store, ctx.store = ctx.store, None
         impl.backward(hidden, weight, targets, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t,
-                      chunk_v, dh, dw)
+                      chunk_v, dh, dw, store)
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=tp_group)
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
                    vocab_size: int | None = None, tp_group=None, backend: str | None = "auto",
-                   chunk_tokens: int | None = None, chunk_vocab: int | None = None, with_entropy: bool = True):
+                   chunk_tokens: int | None = None, chunk_vocab: int | None = None, with_entropy: bool = True,
+                   keep_logits_bytes: int | None = None):
     """log p(target) and entropy of softmax(hidden @ weight.T / temperature), per token, never materialising
     the [T, V] logits. Differentiable w.r.t. hidden and weight through both outputs (entropy bonus included).
 
@@ -187,6 +219,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     `vocab_size` is the true vocab: rows at or past it (Megatron's padding) never take probability mass.
     Returns (logp, entropy) shaped like targets, fp32 (fp64 for fp64 inputs); entropy is None unless
     `with_entropy`. `backend`: "auto" | "torch" | "cpp" | "cuda" | "triton" (None: `set_default_backend`).
+    `keep_logits_bytes`: keep this rank's logits for the backward when they take at most this many bytes
+    (C++/CUDA backend; 0: always recompute; None: `KEEP_LOGITS_BYTES` of the device type when d is at least
+    `KEEP_LOGITS_MIN_HIDDEN`, else 0).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -208,8 +243,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     valid = max(0, min(v_local, vocab_size - vocab_start))
     name = backends.resolve_backend("logprob", backend, h.device, h.dtype)
     default_t, default_v = _CHUNKS.get((h.device.type, name), (1024, 8192))
+    keep = keep_logits_bytes
+    if keep is None:
+        keep = KEEP_LOGITS_BYTES.get(h.device.type, 0) if d >= KEEP_LOGITS_MIN_HIDDEN else 0
     logp, entropy = _FusedLogprob.apply(h, weight.contiguous(), y, 1.0 / temperature, vocab_start, valid, tp_group,
-                                        _IMPLS[name], chunk_tokens or default_t, chunk_vocab or default_v)
+                                        _IMPLS[name], chunk_tokens or default_t, chunk_vocab or default_v, keep)
     return logp.reshape(out_shape), (entropy.reshape(out_shape) if with_entropy else None)
 
 

@@ -184,32 +184,4 @@ def export_hf(net, cfg: PrismConfig, out_dir: str | Path, kind: str = "policy") 
     from prism_mcore.checkpoint.convert import write_hf
     from prism_mcore.checkpoint.hf_io import side_files
 
-    sides = side_files(cfg.model.hf_path) if cfg.model.hf_path else []
-    write_hf(net, cfg.model, kind, out_dir, sides)
-    if is_rank0() and not cfg.model.hf_path:
-        _write_config(cfg, Path(out_dir), kind)
-
-
-def _write_config(cfg: PrismConfig, out: Path, kind: str) -> None:
-    """A model trained from scratch has no source config.json: describe it, plus the real tokenizer."""
-    from prism_mcore.data.tokenizer import qwen3_tokenizer
-
-    m = cfg.model
-    body = {"architectures": ["Qwen3MoeForCausalLM" if m.is_moe else "Qwen3ForCausalLM"],
-            "model_type": "qwen3_moe" if m.is_moe else "qwen3", "vocab_size": m.vocab_size,
-            "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
-            "num_hidden_layers": m.num_hidden_layers, "num_attention_heads": m.num_attention_heads,
-            "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim, "rms_norm_eps": m.rms_norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "tie_word_embeddings": m.tie_word_embeddings, "max_position_embeddings": m.max_position_embeddings,
-            "hidden_act": "silu", "attention_bias": False, "dtype": m.dtype,
-            "eos_token_id": 151645, "pad_token_id": 151643, "bos_token_id": None}
-    if m.is_moe:
-        body.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
-                    moe_intermediate_size=m.moe_intermediate_size or m.intermediate_size,
-                    norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=m.router_aux_loss_coef,
-                    decoder_sparse_step=1, mlp_only_layers=[])
-    (out / "config.json").write_text(json.dumps(body, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643],
-                                                            "pad_token_id": 151643}, indent=2) + "\n")
-    qwen3_tokenizer().save_pretrained(str(out))
+    write_hf(net, cfg.model, kind, out_dir, side_files(cfg.model.hf_path) if cfg.model.hf_path else [])

@@ -50,15 +50,40 @@ def assert_close(got, want, tol, what):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("chunks", [(8, 48), (1024, 8192)], ids=["many-chunks", "one-chunk"])
-def test_forward_and_grads_match_float64(backend, chunks):
+@pytest.mark.parametrize("keep", [1 << 30, 0], ids=["keep-logits", "recompute"])
+def test_forward_and_grads_match_float64(backend, chunks, keep):
     hidden, weight, targets, g_logp, g_ent = make_case()
     want = reference(hidden, weight, targets, 0.7, 187, g_logp, g_ent)
     got = run(backend, hidden, weight, targets, 0.7, 187, g_logp, g_ent, chunk_tokens=chunks[0],
-              chunk_vocab=chunks[1])
+              chunk_vocab=chunks[1], keep_logits_bytes=keep)
     for g, w, name in zip(got, want, ("logp", "entropy", "d_hidden", "d_weight")):
         assert_close(g, w, 2e-5, f"{backend} {name}")
     assert (got[3][187:] == 0).all(), "padded vocab rows must get exactly zero gradient"
     assert (got[0][targets < 0] == 0).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_kept_logits_equal_recomputed_ones(dtype):
+    """The C++ kernel keeps a small step's logits for the backward instead of recomputing them: same tiles,
+    so bit-identical results; a second backward through the graph (the store is consumed) recomputes."""
+    hidden, weight, targets, g_logp, g_ent = make_case(T=29, V=150, vocab_size=140, dtype=dtype)
+    recomputed = run("cpp", hidden, weight, targets, 0.8, 140, g_logp, g_ent, chunk_tokens=8, chunk_vocab=32,
+                     keep_logits_bytes=0)
+    kept = run("cpp", hidden, weight, targets, 0.8, 140, g_logp, g_ent, chunk_tokens=8, chunk_vocab=32,
+               keep_logits_bytes=1 << 20)
+    for a, b, name in zip(kept, recomputed, ("logp", "entropy", "d_hidden", "d_weight")):
+        assert torch.equal(a, b), name
+
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp, ent = token_logprobs(h, w, targets, 0.8, vocab_size=140, backend="cpp", chunk_tokens=8, chunk_vocab=32,
+                               keep_logits_bytes=1 << 20)
+    loss = (logp * g_logp.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(first + second, recomputed[2:] * 2):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 TINY = ["model.vocab_size=151936", "model.hidden_size=64", "model.intermediate_size=128",
         "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_key_value_heads=2",
@@ -50,6 +51,20 @@ def test_sft_trains_resumes_and_exports(sft_data, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "hf")
     assert model.config.hidden_size == 64
+
+    # `prism convert` of the last checkpoint of a model trained from scratch (no source config.json to
+    # carry) gives a directory transformers loads, with the stage's own export's weights and config
+    conv = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "convert", "mcore-to-hf", "--ckpt",
+                           str(tmp_path / "full" / "checkpoints"), "--out", str(tmp_path / "conv")],
+                          capture_output=True, text=True, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-4000:]
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "conv")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "conv" / name).read_text()) == \
+            json.loads((tmp_path / "full" / "hf" / name).read_text()), name
+    theirs = converted.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
 
 
 def test_missing_training_file_is_one_line_exit_2(tmp_path):
