@@ -8,8 +8,8 @@ recomputes the logits tile by tile. d(hidden) is a per-shard partial sum, all-re
 Recomputing is what bounds memory, and it costs one GEMM of the four. When the step's logits are small (a CPU
 micro-batch of a few hundred response tokens) and the hidden size makes that GEMM dear, the C++ kernel keeps
 them instead: the forward writes its tiles to a [T, V_local] store, the backward reads them back. On a 2-core
-x86 CPU that is 25-30% faster from d = 256 up, even at d = 128 and 13% slower at d = 64, where streaming the
-store through memory costs more than the K = 64 GEMM (docs/benchmarks.md).
+x86 CPU that is 25-30% faster from d = 256 up, break-even at d = 128 and 13% slower at d = 64, where streaming
+the store through memory costs more than the K = 64 GEMM (docs/benchmarks.md).
 """
 from __future__ import annotations
 
