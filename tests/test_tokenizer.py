@@ -1,5 +1,5 @@
 """The offline Qwen3 tokenizer reproduces the real Qwen token ids."""
-from prism_mcore.data.tokenizer import qwen3_tokenizer
+from prism_mcore.data.tokenizer import ENDOFTEXT_ID, IM_END_ID, qwen3_tokenizer
 
 
 def test_known_ids():
@@ -12,6 +12,7 @@ def test_known_ids():
                    "<|vision_start|>": 151652, "<|image_pad|>": 151655, "<think>": 151667, "</think>": 151668}
     assert len(tok) == 151669
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == 151643
+    assert (IM_END_ID, ENDOFTEXT_ID) == (tok.eos_token_id, tok.pad_token_id) == (151645, 151643)
 
 
 def test_round_trip_and_chat_template():

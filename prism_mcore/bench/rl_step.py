@@ -45,13 +45,13 @@ def write_policy(out: str, hidden: int, layers: int, heads: int, kv_heads: int, 
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from prism_mcore.data.tokenizer import qwen3_tokenizer
+    from prism_mcore.data.tokenizer import ENDOFTEXT_ID, IM_END_ID, qwen3_tokenizer
 
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=max_positions,
-        tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643))
+        tie_word_embeddings=True, eos_token_id=IM_END_ID, pad_token_id=ENDOFTEXT_ID))
     model.save_pretrained(out)
     qwen3_tokenizer().save_pretrained(out)
     return sum(p.numel() for p in model.parameters())

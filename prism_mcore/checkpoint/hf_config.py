@@ -9,9 +9,7 @@ import json
 from pathlib import Path
 
 from prism_mcore.config import ModelConfig
-
-# Qwen3's chat special tokens: <|im_end|> ends a turn, <|endoftext|> pads.
-IM_END_ID, ENDOFTEXT_ID = 151645, 151643
+from prism_mcore.data.tokenizer import ENDOFTEXT_ID, IM_END_ID
 
 
 def hf_config_dict(m: ModelConfig) -> dict:

@@ -16,9 +16,12 @@ from pathlib import Path
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Special tokens take ids 151643, 151644, ... in this order.
+FIRST_SPECIAL_ID = 151643
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+ENDOFTEXT_ID = FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|endoftext|>")  # pads
+IM_END_ID = FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<|im_end|>")  # ends a chat turn: the eos of generation
 ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
                 "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 # Content is a string or a list of {"type": "text"|"image"} parts; images become the Qwen-VL
