@@ -47,7 +47,7 @@ class Problem:
 
 
 class _Trace:
-    """Records each arithmetic step as a sentence. A `slip=(step, delta)` adds `delta` to that step's
+    """Records each arithmetic step as `a op b = value unit`. A `slip=(step, delta)` adds `delta` to that step's
     result, and later steps carry the wrong value on, like a real arithmetic mistake."""
 
     _OPS: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
@@ -58,11 +58,11 @@ class _Trace:
         self.steps: list[str] = []
         self.values: list[int] = []
 
-    def step(self, a: int, op: str, b: int, what: str) -> int:
+    def step(self, a: int, op: str, b: int, unit: str) -> int:
         value = self._OPS[op](a, b)
         if self.slip is not None and self.slip[0] == len(self.steps):
             value += self.slip[1]
-        self.steps.append(f"{a} {op} {b} = {value} {what}.")
+        self.steps.append(f"{a} {op} {b} = {value} {unit}")
         self.values.append(value)
         return value
 
@@ -97,14 +97,14 @@ def _draw_marbles(rng: random.Random, d: int) -> dict[str, int]:
 
 def _build_marbles(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
     counts = [p[f"c{i}"] for i in range(sum(k.startswith("c") for k in p))]
-    facts = [f"{_plural(c, _COLOURS[i] + ' marble')} in a box" for i, c in enumerate(counts)]
+    facts = [_plural(c, _COLOURS[i] + " marble") for i, c in enumerate(counts)]
     total = counts[0]
     for i, c in enumerate(counts[1:], 1):
-        total = t.step(total, "+", c, "marbles after counting the " + _COLOURS[i] + " ones")
-    total = t.step(total, "-", p["removed"], f"marbles after {p['removed']} red {_are(p['removed'])} removed")
+        total = t.step(total, "+", c, "marbles")
+    total = t.step(total, "-", p["removed"], "marbles")
     events = f"{_plural(p['removed'], 'red marble')} {_are(p['removed'])} removed"
     if "added" in p:
-        total = t.step(total, "+", p["added"], f"marbles after {p['added']} blue {_are(p['added'])} added")
+        total = t.step(total, "+", p["added"], "marbles")
         events += f" and {_plural(p['added'], 'blue marble')} {_are(p['added'])} added"
     question = (f"A box holds {_join([_plural(c, _COLOURS[i] + ' marble') for i, c in enumerate(counts)])}. "
                 f"Then {events}. How many marbles are in the box now?")
@@ -125,13 +125,13 @@ def _build_shelves(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
     facts = [_plural(p["shelves"], "shelf").replace("shelfs", "shelves"),
              f"{_plural(p['per_shelf'], 'book')} on each shelf"]
     scene = f"A bookcase has {facts[0]} with {facts[1]}."
-    total = t.step(p["shelves"], "*", p["per_shelf"], "books on the shelves")
+    total = t.step(p["shelves"], "*", p["per_shelf"], "books")
     for key, where in (("boxed", "in a box next to it"), ("stacked", "stacked on the floor")):
         if key in p:
             facts.append(f"{_plural(p[key], 'book')} {where}")
             scene += f" There {_are(p[key])} also {facts[-1]}."
-            total = t.step(total, "+", p[key], f"books with the ones {where}")
-    total = t.step(total, "-", p["taken"], f"books after {p['taken']} {_are(p['taken'])} taken away")
+            total = t.step(total, "+", p[key], "books")
+    total = t.step(total, "-", p["taken"], "books")
     question = f"{scene} {_plural(p['taken'], 'book')} {_are(p['taken'])} taken away. " \
                "How many books are left?"
     return question, facts, total
@@ -159,11 +159,11 @@ def _draw_coins(rng: random.Random, d: int) -> dict[str, int]:
 
 def _build_coins(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
     kinds = _kinds(p, _COINS)
-    facts = [f"{_plural(n, name + ' coin')} in a purse" for (name, _), n in kinds]
+    facts = [_plural(n, name + " coin") for (name, _), n in kinds]
     total = None
     for (name, value), n in kinds:
-        part = t.step(n, "*", value, f"cents from the {name} coins")
-        total = part if total is None else t.step(total, "+", part, "cents so far")
+        part = t.step(n, "*", value, "cents")
+        total = part if total is None else t.step(total, "+", part, "cents")
     question = (f"A purse holds {_join([_plural(n, name + ' coin') for (name, _), n in kinds])}. "
                 "How many cents are in the purse?")
     return question, facts, total
@@ -180,11 +180,11 @@ def _draw_legs(rng: random.Random, d: int) -> dict[str, int]:
 
 def _build_legs(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
     kinds = _kinds(p, _ANIMALS)
-    facts = [f"{_plural(n, name)} on a farm" for (name, _), n in kinds]
+    facts = [_plural(n, name) for (name, _), n in kinds]
     total = None
     for (name, legs), n in kinds:
-        part = t.step(n, "*", legs, f"legs on the {name}s")
-        total = part if total is None else t.step(total, "+", part, "legs so far")
+        part = t.step(n, "*", legs, "legs")
+        total = part if total is None else t.step(total, "+", part, "legs")
     question = f"A farm has {_join([_plural(n, name) for (name, _), n in kinds])}. How many legs do they have in all?"
     return question, facts, total
 
@@ -199,18 +199,18 @@ def _draw_garden(rng: random.Random, d: int) -> dict[str, int]:
 
 
 def _build_garden(p: dict[str, int], t: _Trace) -> tuple[str, list[str], int]:
-    facts = [f"{_plural(p['tulips'], 'tulip')} in a garden", f"{_plural(p['roses'], 'rose')} in a garden"]
+    facts = [_plural(p["tulips"], "tulip"), _plural(p["roses"], "rose")]
     flowers = [_plural(p["tulips"], "tulip"), _plural(p["roses"], "rose")]
     if "daisies" in p:
-        facts.append(f"{_plural(p['daisies'], 'daisy').replace('daisys', 'daisies')} in a garden")
-        flowers.append(facts[-1].rsplit(" in ", 1)[0])
-    tulips = t.step(p["tulips"], "-", p["picked"], "tulips after picking")
+        facts.append(_plural(p["daisies"], "daisy").replace("daisys", "daisies"))
+        flowers.append(facts[-1])
+    tulips = t.step(p["tulips"], "-", p["picked"], "tulips")
     roses = p["roses"]
     events = f"{_plural(p['picked'], 'tulip')} {_are(p['picked'])} picked"
     if "planted" in p:
-        roses = t.step(roses, "+", p["planted"], "roses after planting")
+        roses = t.step(roses, "+", p["planted"], "roses")
         events += f" and {_plural(p['planted'], 'rose')} {_are(p['planted'])} planted"
-    answer = t.step(tulips, "-", roses, "more tulips than roses")
+    answer = t.step(tulips, "-", roses, "more tulips")
     question = (f"A garden has {_join(flowers)}. Then {events}. "
                 "How many more tulips than roses are there now?")
     return question, facts, answer
@@ -275,7 +275,7 @@ def caption_text(facts: Sequence[str]) -> str:
 
 
 def cot_text(steps: Sequence[str], answer: str) -> str:
-    think = "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps, 1))
+    think = "\n".join(steps)
     return f"<think>\n{think}\n</think>\n<answer>\n{answer}\n</answer>"
 
 
