@@ -19,7 +19,8 @@ ALIGN_STEPS = 3
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     res = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "demo", "--quick", "--out", str(out),
-                          f"align.trainer.steps={ALIGN_STEPS}", "align.trainer.save_interval=1"],
+                          f"align.trainer.steps={ALIGN_STEPS}", "align.trainer.save_interval=1",
+                          "align.trainer.keep_checkpoints=1"],
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
     return out, res.stdout
@@ -46,6 +47,8 @@ def test_demo_report(demo):
         assert {"score_gap", "score_gap_perception", "score_gap_reasoning", "d_pair_accuracy"} <= set(r)
         assert r["mismatch_kl"] < 1e-3  # engine and trainer agree on the sampled tokens' log-probs
         assert r["d_loss"] > 0 and r["d_grad_norm"] > 0  # the discriminator trained on every step
+    # saved after every step, but only the newest checkpoint is kept
+    assert [p.name for p in (out / "align" / "checkpoints").glob("step_*")] == [f"step_{ALIGN_STEPS:08d}"]
     evals = [r["step"] for r in _rows(out / "align" / "metrics.jsonl") if "eval_accuracy" in r]
     assert evals == [0, ALIGN_STEPS]
     baseline = [r for r in _rows(out / "baseline" / "metrics.jsonl") if "reward" in r]

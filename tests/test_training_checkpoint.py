@@ -3,6 +3,7 @@ save never looks complete."""
 import pytest
 
 from mcore_jobs import train_save_resume
+from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, prune_checkpoints
 
 
 @pytest.mark.timeout(600)
@@ -16,8 +17,6 @@ def test_resume_continues_exactly(tmp_path, ranks):
     assert at_tp1 == pytest.approx(uninterrupted, rel=1e-5)
     assert at_pp2 == pytest.approx(uninterrupted, rel=1e-5)
 
-from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint
-
 
 def test_failed_save_leaves_previous_latest(tmp_path, monkeypatch):
     (tmp_path / "step_00000001").mkdir()
@@ -27,3 +26,23 @@ def test_failed_save_leaves_previous_latest(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     (tmp_path / "latest").unlink()
     assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def _complete(root, step):
+    (root / f"step_{step:08d}").mkdir()
+    (root / f"step_{step:08d}" / "prism_meta.json").write_text("{}")
+
+
+def test_prune_keeps_newest_and_latest(tmp_path):
+    for step in (5, 10, 15, 20):
+        _complete(tmp_path, step)
+    (tmp_path / ".step_00000025.partial").mkdir()
+    (tmp_path / "step_00000030").mkdir()  # incomplete: no metadata, never counted or touched
+    (tmp_path / "latest").write_text("step_00000020")
+    assert prune_checkpoints(tmp_path, 0) == []
+    removed = prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["step_00000005", "step_00000010"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000015", "step_00000020", "step_00000030"]
+    (tmp_path / "latest").write_text("step_00000015")  # e.g. a resumed run pointed back
+    assert [p.name for p in prune_checkpoints(tmp_path, 1)] == []
+    assert latest_checkpoint(tmp_path).name == "step_00000015"

@@ -96,9 +96,23 @@ def _sharded_state(parts: Parts, with_optimizer: bool, with_rng: bool, loading: 
     return state
 
 
+def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """Removes all but the `keep` newest complete step directories (never the one `latest` names) and
+    returns what it removed. Runs only after a save has completed, so a crash while pruning still
+    leaves a loadable checkpoint."""
+    root = Path(root)
+    newest = latest_checkpoint(root)
+    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
+    stale = [p for p in complete[:-keep] if p != newest] if keep > 0 else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(root: str | Path, step: int, models: list | None = None, optimizer=None, meta: dict | None = None,
-                    parts: Parts | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final step directory."""
+                    parts: Parts | None = None, keep: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final step directory. keep > 0 then removes all
+    but the `keep` newest checkpoints (0 keeps every one)."""
     from megatron.core import dist_checkpointing
 
     parts = as_parts(models, optimizer, parts)
@@ -120,6 +134,7 @@ def save_checkpoint(root: str | Path, step: int, models: list | None = None, opt
             shutil.rmtree(final)
         os.rename(partial, final)
         _write_atomic(root / "latest", final.name)
+        prune_checkpoints(root, keep)
     dist.barrier()
     return final
 

@@ -160,6 +160,8 @@ class TrainerConfig(_Section):
     seed: int = 1234
     output_dir: str = "outputs/run"
     save_interval: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
+    keep_checkpoints: int = Field(0, ge=0, description="after each save keep only the N newest checkpoints "
+                                  "(each holds the optimizer state: ~16 bytes per parameter); 0 keeps all")
     log_interval: int = Field(1, ge=1)
     export_hf: bool = Field(True, description="write the trained model as an HF checkpoint to OUTPUT_DIR/hf")
     eval_interval: int = Field(0, ge=0, description="greedy accuracy/format on data.val_files every N steps, "

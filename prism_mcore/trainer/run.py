@@ -70,9 +70,9 @@ class Checkpointer:
     names the trained models ({"": one model} for single-model stages; align saves policy and
     discriminator together, so a crash never leaves them at different steps)."""
 
-    def __init__(self, output_dir: str | Path, interval: int):
+    def __init__(self, output_dir: str | Path, interval: int, keep: int = 0):
         self.root = Path(output_dir) / "checkpoints"
-        self.interval = interval
+        self.interval, self.keep = interval, keep
 
     @staticmethod
     def _parts(parts: dict[str, Trainable]) -> dict:
@@ -88,7 +88,7 @@ class Checkpointer:
         from prism_mcore.checkpoint.dist_ckpt import save_checkpoint
 
         if force or (self.interval and step % self.interval == 0):
-            save_checkpoint(self.root, step, parts=self._parts(parts), meta=meta)
+            save_checkpoint(self.root, step, parts=self._parts(parts), meta=meta, keep=self.keep)
 
 
 class StageRun:
@@ -99,7 +99,7 @@ class StageRun:
     def __init__(self, cfg: PrismConfig, parts: dict[str, Trainable]):
         self.cfg, self.parts = cfg, parts
         self.stage = cfg.trainer.stage
-        self.ckpt = Checkpointer(cfg.trainer.output_dir, cfg.trainer.save_interval)
+        self.ckpt = Checkpointer(cfg.trainer.output_dir, cfg.trainer.save_interval, cfg.trainer.keep_checkpoints)
         self.resumed = self.ckpt.resume(parts)
         self.start = self.resumed["step"] if self.resumed else 0
         self.metrics = Metrics(cfg.trainer.output_dir, self.stage)
