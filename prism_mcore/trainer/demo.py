@@ -23,8 +23,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 @dataclass
 class DemoPlan:
     out: Path
-    # More demonstrations than SFT's 800 x 8 samples: repeats teach a tiny model little (the same 6,400
-    # samples drawn from 2,000 problems reach about half the accuracy; docs/pipeline.md)
+    # One demonstration per SFT sample (1,000 steps x 8): repeats teach a tiny model little (6,400
+    # samples drawn from 2,000 problems reach about half the accuracy of 6,000 problems; docs/pipeline.md)
     num_sft: int = 8000
     num_pairs: int = 256
     num_rl: int = 512
