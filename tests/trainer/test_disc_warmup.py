@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-TINY_MOE = ["model.max_position_embeddings=512", "optim.lr=3e-3", "optim.weight_decay=0", "data.global_batch_size=16",
+TINY_MOE = ["model.max_position_embeddings=512", "optim.lr=1e-3", "optim.weight_decay=0", "data.global_batch_size=16",
             "data.micro_batch_tokens=4096", "data.max_prompt_length=192", "data.max_response_length=192",
             "trainer.stage=disc-warmup", "parallel.ep=2", "parallel.world_size=2"]
 
@@ -31,12 +31,15 @@ def test_disc_warmup_prefers_teacher(tmp_path):
 
     res = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "train", "/dev/null", *TINY_MOE,
                           f"model.hf_path={tmp_path / 'moe'}", f"data.train_files=[{tmp_path / 'pairs.jsonl'}]",
-                          "trainer.steps=8", f"trainer.output_dir={tmp_path / 'run'}"],
+                          "trainer.steps=16", f"trainer.output_dir={tmp_path / 'run'}"],
                          capture_output=True, text=True, timeout=850)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[:2], rows[-2:]
-    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
-    assert sum(r["score_gap"] for r in last) > sum(r["score_gap"] for r in first)
+    # One step sees 16 of the 32 pairs, so single-step losses are noisy: compare the first and last 4 steps.
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+    first, last = rows[:4], rows[-4:]
+    assert mean("loss", last) < mean("loss", first) - 0.03, [r["loss"] for r in rows]
+    assert mean("score_gap", last) > mean("score_gap", first) + 0.05, [r["score_gap"] for r in rows]
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "hf")
     assert type(clf).__name__ == "Qwen3MoeForSequenceClassification"
