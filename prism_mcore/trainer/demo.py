@@ -26,7 +26,7 @@ class DemoPlan:
     # One demonstration per SFT sample (1,000 steps x 8): repeats teach a tiny model little (6,400
     # samples drawn from 2,000 problems reach about half the accuracy of 6,000 problems; docs/pipeline.md)
     num_sft: int = 8000
-    num_pairs: int = 256
+    num_pairs: int = 1024  # one warm-up pass (64 steps x 16): unique pairs, as for SFT
     num_rl: int = 512
     num_val: int = 128  # 64 held-out prompts left the constant-answer floor at an unlucky 12.5%
     difficulties: tuple[int, ...] = (0, 1)  # equal shares; 0 = one arithmetic step, 1 = two or three

@@ -43,6 +43,15 @@ def _evals(rows: list[dict]) -> list[tuple[int, float, float]]:
     return [(r["step"], r["eval_accuracy"], r["eval_format"]) for r in rows if "eval_accuracy" in r]
 
 
+def warmup_window(num_steps: int) -> int:
+    """Steps averaged at each end of the warm-up: one step sees 16 pairs, too few for a stable loss."""
+    return max(1, min(16, num_steps // 4))
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
 def build_report(out: str | Path) -> dict:
     from rich.table import Table
 
@@ -67,11 +76,13 @@ def build_report(out: str | Path) -> dict:
     table.add_row("PRISM align", pct(after_align, 1), pct(after_align, 2), "—", "—")
     table.add_row("GRPO", pct(after_grpo, 1), pct(after_grpo, 2), pct(after_base, 1), pct(after_base, 2))
     warm = [r for r in m["disc_warmup"] if "loss" in r]
+    window = warmup_window(len(warm))
     gaps = [r["score_gap"] for r in m["align"] if "score_gap" in r]
     summary = {
         "sft_loss": [m["sft"][0]["loss"], m["sft"][-1]["loss"]] if m["sft"] else None,
-        "warmup_loss": [warm[0]["loss"], warm[-1]["loss"]] if warm else None,
-        "warmup_pair_accuracy": warm[-1]["accuracy"] if warm else None,
+        "warmup_window": window,
+        "warmup_loss": [_mean(warm[:window], "loss"), _mean(warm[-window:], "loss")] if warm else None,
+        "warmup_pair_accuracy": _mean(warm[-window:], "accuracy") if warm else None,
         "align_score_gap": [gaps[0], gaps[-1]] if gaps else None,
         "prior_accuracy": prior,
         "accuracy": {"sft": sft_eval and sft_eval[1], "align": after_align and after_align[1],
@@ -84,8 +95,10 @@ def build_report(out: str | Path) -> dict:
     complete = all(v is not None for v in (sft_eval, after_align, after_grpo, after_base)) and plot.exists()
     caption = []
     if summary["warmup_loss"]:
+        steps = f"{window} steps" if window > 1 else "step"
         caption.append(f"discriminator warm-up loss {summary['warmup_loss'][0]:.3f} -> {summary['warmup_loss'][1]:.3f}"
-                       f" (teacher preferred in {100 * summary['warmup_pair_accuracy']:.0f}% of the last batch's pairs)")
+                       f" (mean of the first / last {steps}; teacher preferred in"
+                       f" {100 * summary['warmup_pair_accuracy']:.0f}% of the last {steps}' pairs)")
     if gaps:
         caption.append(f"align teacher-minus-student score gap {gaps[0]:+.3f} -> {gaps[-1]:+.3f}")
     table.caption = "; ".join(caption)
