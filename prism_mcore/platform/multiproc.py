@@ -96,67 +96,68 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     child_env = {"OMP_NUM_THREADS": str(threads), **(env or {})}
-    tmp = tempfile.mkdtemp(prefix="prism_ranks_")
-    procs = []
-    for rank in range(world_size):
-        stack_file = os.path.join(tmp, f"stack{rank}.txt")
-        open(stack_file, "w").close()  # exists even if the rank dies before it starts
-        spec = _RankSpec(rank, world_size, port, stack_file, threads, init_dist, child_env)
-        p = ctx.Process(target=_rank_main, args=(spec, fn, args, kwargs, results), name=f"prism-rank{rank}")
-        p.start()
-        procs.append(p)
+    # The ranks write their live stacks here (read when one hangs); removed however the call ends.
+    with tempfile.TemporaryDirectory(prefix="prism_ranks_") as tmp:
+        procs = []
+        for rank in range(world_size):
+            stack_file = os.path.join(tmp, f"stack{rank}.txt")
+            open(stack_file, "w").close()  # exists even if the rank dies before it starts
+            spec = _RankSpec(rank, world_size, port, stack_file, threads, init_dist, child_env)
+            p = ctx.Process(target=_rank_main, args=(spec, fn, args, kwargs, results), name=f"prism-rank{rank}")
+            p.start()
+            procs.append(p)
 
-    outcome: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    while len(outcome) < world_size:
-        try:
-            rank, ok, payload = results.get(timeout=0.2)
-            outcome[rank] = (ok, payload)
-            if not ok:  # the others may now wait forever on a collective: give them a grace period
-                deadline = min(deadline, time.monotonic() + grace)
-            continue
-        except queue.Empty:
-            pass
-        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
-        for r in dead:  # crashed without reporting (segfault, os._exit, OOM kill)
-            time.sleep(0.5)  # its report may still be in flight
+        outcome: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        while len(outcome) < world_size:
             try:
-                while True:
-                    rank, ok, payload = results.get_nowait()
-                    outcome[rank] = (ok, payload)
+                rank, ok, payload = results.get(timeout=0.2)
+                outcome[rank] = (ok, payload)
+                if not ok:  # the others may now wait forever on a collective: give them a grace period
+                    deadline = min(deadline, time.monotonic() + grace)
+                continue
             except queue.Empty:
                 pass
-            if r not in outcome:
-                outcome[r] = (False, f"process exited with code {procs[r].exitcode} without reporting")
-                deadline = min(deadline, time.monotonic() + grace)
-        if time.monotonic() > deadline:
-            timed_out = True
-            break
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+            for r in dead:  # crashed without reporting (segfault, os._exit, OOM kill)
+                time.sleep(0.5)  # its report may still be in flight
+                try:
+                    while True:
+                        rank, ok, payload = results.get_nowait()
+                        outcome[rank] = (ok, payload)
+                except queue.Empty:
+                    pass
+                if r not in outcome:
+                    outcome[r] = (False, f"process exited with code {procs[r].exitcode} without reporting")
+                    deadline = min(deadline, time.monotonic() + grace)
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
 
-    if timed_out:
-        for r, p in enumerate(procs):
-            if p.is_alive() and r not in outcome:
-                os.kill(p.pid, signal.SIGUSR1)
-        time.sleep(1.0)
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join()
+        if timed_out:
+            for r, p in enumerate(procs):
+                if p.is_alive() and r not in outcome:
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
 
-    failures = []
-    for r in range(world_size):
-        if r in outcome and outcome[r][0]:
-            continue
-        if r in outcome:
-            failures.append(f"--- rank {r} failed:\n{outcome[r][1]}")
-        else:
-            with open(os.path.join(tmp, f"stack{r}.txt")) as f:
-                stack = f.read().strip() or "(no stack captured: the rank had not started its function)"
-            others_failed = any(not ok for ok, _ in outcome.values())
-            why = "was still running after another rank failed" if others_failed else f"hung past {timeout:.0f}s"
-            failures.append(f"--- rank {r} {why} (killed); its stack:\n{stack}")
-    if failures:
-        raise RankFailure(f"{len(failures)}/{world_size} ranks failed\n" + "\n".join(failures))
-    return [pickle.loads(outcome[r][1]) for r in range(world_size)]
+        failures = []
+        for r in range(world_size):
+            if r in outcome and outcome[r][0]:
+                continue
+            if r in outcome:
+                failures.append(f"--- rank {r} failed:\n{outcome[r][1]}")
+            else:
+                with open(os.path.join(tmp, f"stack{r}.txt")) as f:
+                    stack = f.read().strip() or "(no stack captured: the rank had not started its function)"
+                others_failed = any(not ok for ok, _ in outcome.values())
+                why = "was still running after another rank failed" if others_failed else f"hung past {timeout:.0f}s"
+                failures.append(f"--- rank {r} {why} (killed); its stack:\n{stack}")
+        if failures:
+            raise RankFailure(f"{len(failures)}/{world_size} ranks failed\n" + "\n".join(failures))
+        return [pickle.loads(outcome[r][1]) for r in range(world_size)]
