@@ -60,7 +60,10 @@ setup(
     name="prism_mcore",
     version="0.1.0",
     description="Megatron-core stack for PRISM multimodal RL post-training",
-    packages=find_packages(include=["prism_mcore", "prism_mcore.*", "triton_kernels", "triton_kernels.*"]),
+    # The top-level folder triton_kernels/ installs as `prism_triton_kernels`: under its folder name it shadowed
+    # the `triton_kernels` package that vLLM imports for its MoE kernels.
+    packages=find_packages(include=["prism_mcore", "prism_mcore.*"]) + ["prism_triton_kernels"],
+    package_dir={"prism_triton_kernels": "triton_kernels"},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={

@@ -3,7 +3,7 @@ import shutil
 import sys
 
 # Triton picks interpreter vs compiler when a kernel is decorated, i.e. at the first import of
-# triton_kernels, which any test module may trigger: without a GPU the interpreter is the only option.
+# prism_triton_kernels, which any test module may trigger: without a GPU the interpreter is the only option.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

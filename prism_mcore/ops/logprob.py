@@ -156,14 +156,14 @@ _NO_STORE = torch.empty(0)
 class _TritonImpl:
     @staticmethod
     def forward_stats(h, w, y, inv_temp, vocab_start, valid, chunk_t, chunk_v, stats, store=None):
-        from triton_kernels import logprob as tk
+        from prism_triton_kernels import logprob as tk
 
         tk.forward_stats(h, w, y, inv_temp, vocab_start, valid, stats, new_output=new_output)
 
     @staticmethod
     def backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_t, chunk_v, dh, dw,
                  store=None):
-        from triton_kernels import logprob as tk
+        from prism_triton_kernels import logprob as tk
 
         tk.backward(h, w, y, inv_temp, vocab_start, valid, lse, mean_z, g_lp, g_ent, chunk_v, dh, dw,
                     new_output=new_output)

@@ -25,7 +25,7 @@ def _resolve(backend, t: torch.Tensor) -> str:
 
 
 def _tk():
-    from triton_kernels import moe
+    from prism_triton_kernels import moe
 
     return moe
 

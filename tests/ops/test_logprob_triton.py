@@ -1,6 +1,6 @@
 """Triton fused log-prob under TRITON_INTERPRET=1 on CPU tensors, fp32 and fp16 (bf16 tl.dot is wrong in the
 interpreter), tiny shapes; outputs poisoned. Triton decides interpret-vs-compile when a kernel is decorated,
-so the variable is set before triton_kernels is imported (pytest imports every test module before running)."""
+so the variable is set before prism_triton_kernels is imported (pytest imports every test module before running)."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -14,9 +14,9 @@ from test_logprob import assert_close, make_case, reference, run  # noqa: E402
 
 
 def test_kernels_are_interpreted():
-    from triton_kernels import logprob as tk
+    from prism_triton_kernels import logprob as tk
 
-    assert tk.INTERPRET, "triton_kernels.logprob was imported before TRITON_INTERPRET was set"
+    assert tk.INTERPRET, "prism_triton_kernels.logprob was imported before TRITON_INTERPRET was set"
     assert type(tk._dlogits_kernel.fn).__name__ == "InterpretedFunction"
 
 
@@ -34,7 +34,7 @@ def test_triton_matches_float64(dtype, tol):
 def test_triton_vocab_splits_merge():
     """Several vocab splits per token block (the last one partial), merged by the torch epilogue."""
     from prism_mcore.ops.backends import poison_outputs
-    from triton_kernels import logprob as tk
+    from prism_triton_kernels import logprob as tk
 
     hidden, weight, targets, _, _ = make_case(T=9, d=16, V=100, vocab_size=60)
     targets = targets.clamp(min=0)

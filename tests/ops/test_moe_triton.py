@@ -1,5 +1,5 @@
 """Triton MoE kernels under TRITON_INTERPRET=1 (CPU tensors, tiny shapes, fp32 and fp16), outputs poisoned.
-The variable must be set before triton_kernels is imported; see test_logprob_triton.py."""
+The variable must be set before prism_triton_kernels is imported; see test_logprob_triton.py."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -35,7 +35,7 @@ def test_moe_experts_triton():
 
 def test_grouped_gemm_launch_needs_no_host_offsets():
     """The grid depends only on M and E, so offsets can change on the device without a relaunch decision."""
-    from triton_kernels import moe as tk
+    from prism_triton_kernels import moe as tk
 
     x, w = torch.randn(12, 16), torch.randn(3, 16, 16)
     for offsets in ([0, 0, 12], [12, 12, 12], [5, 9, 9]):
