@@ -203,17 +203,27 @@ def vl_fused_logprobs(hf_dir: str, layout: dict, batch: dict):
     return out[0]["logp"][:, :-1].clone() if ps.is_pipeline_last_stage() else None
 
 
+def _wrap_ddp(model):
+    """Megatron DDP as the trainer uses it (fp32 main_grad buckets; the schedule calls
+    finalize_model_grads: DP reduction and the TP sum of `sequence_parallel` parameters), all-reducing
+    (not reduce-scattering, as for the distributed optimizer) so that every rank holds whole gradients."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    model.config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False, bucket_size=None)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
 def vl_vision_grads(hf_dir: str, layouts: list[dict], batch: dict, weights: torch.Tensor) -> list:
     """For each layout: loss = sum(logits * weights) through DDP + Megatron's schedule (grad finalization
     included); returns {HF name: grad} of the vision tower on the first stage (None elsewhere)."""
     from megatron.core import parallel_state as ps
 
-    from prism_mcore.trainer.megatron_step import wrap_ddp
-
     results = []
     for layout in layouts:
         arch, _, model = _setup(hf_dir, layout)
-        ddp = wrap_ddp(model, use_distributed_optimizer=False)
+        ddp = _wrap_ddp(model)
         ddp.zero_grad_buffer()
         full = _full_logits(arch)
 
