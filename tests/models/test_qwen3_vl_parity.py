@@ -71,9 +71,10 @@ def test_fused_logprob_head_matches_transformers(checkpoints, ranks):
 
 @pytest.mark.timeout(300)
 def test_vision_gradients_match_transformers(checkpoints, ranks):
-    """Through Megatron DDP and grad finalization: TP1 (DP2), TP2 (replicas already whole) and TP2+SP
-    (each rank's part, summed over TP): each equals transformers' gradient, so nothing is dropped or
-    counted twice."""
+    """Through Megatron DDP, grad finalization and optimizer: TP1 (DP2), TP2 (replicas already whole) and
+    TP2+SP (each rank's part, summed over TP). The vision gradients and the optimizer's global grad norm
+    equal transformers' (nothing dropped, nothing counted twice), and after the step the tower's
+    replicas are still identical on all ranks."""
     hf_dir, hf = checkpoints["dense"]
     batch = vl_batch(images_per_row=(0, 1, 2))
     weights = torch.randn(*batch["input_ids"].shape, VOCAB, generator=torch.Generator().manual_seed(5))
@@ -81,16 +82,23 @@ def test_vision_gradients_match_transformers(checkpoints, ranks):
     hf.zero_grad()
     (hf_forward(hf, batch) * weights).sum().backward()
     expected = {n: p.grad.clone() for n, p in hf.named_parameters() if n.startswith("model.visual.")}
+    expected_norm = float(torch.stack([p.grad.norm() for p in hf.parameters() if p.grad is not None]).norm())
+    before = {n: p.detach().clone() for n, p in hf.named_parameters() if n.startswith("model.visual.")}
     hf.zero_grad()
     layouts = [{}, {"tp": 2}, {"tp": 2, "sequence_parallel": True}]
     per_rank = ranks(vl_vision_grads, 2, hf_dir, layouts, batch, weights, timeout=250)
-    for grads_per_layout in per_rank:
-        for layout, grads in zip(layouts, grads_per_layout):
+    for i, layout in enumerate(layouts):
+        for grads, grad_norm, _ in (r[i] for r in per_rank):
             assert grads.keys() == expected.keys()
             for name, want in expected.items():
                 assert want.abs().max() > 0, name  # every vision parameter is exercised
                 torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
                                            msg=lambda m: f"{layout} {name}: {m}")
+            assert abs(grad_norm - expected_norm) <= 1e-4 * expected_norm, (layout, grad_norm, expected_norm)
+        stepped = [r[i][2] for r in per_rank]
+        for name in before:
+            assert not torch.equal(stepped[0][name], before[name]), (layout, name)
+            assert torch.equal(stepped[0][name], stepped[1][name]), (layout, name)
 
 
 def _tensors(d: Path) -> dict:

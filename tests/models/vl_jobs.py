@@ -217,36 +217,34 @@ def _wrap_ddp(model):
 
 def vl_vision_grads(hf_dir: str, layouts: list[dict], batch: dict, weights: torch.Tensor) -> list:
     """For each layout: loss = sum(logits * weights) through DDP + Megatron's schedule (grad finalization
-    included); returns {HF name: grad} of the vision tower on the first stage (None elsewhere)."""
+    included), then one step of Megatron's optimizer. Returns, per layout, (vision grads {HF name: grad}
+    on the first stage or None, the optimizer's global grad norm, vision parameters after the step)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     results = []
     for layout in layouts:
         arch, _, model = _setup(hf_dir, layout)
         ddp = _wrap_ddp(model)
+        # clip_grad only so that the optimizer computes the global norm (it is far above it)
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1e9,
+                                                           use_distributed_optimizer=False), [ddp])
         ddp.zero_grad_buffer()
+        optimizer.zero_grad()
         full = _full_logits(arch)
 
         def loss_fn(out):
             loss = (full(out) * weights).sum()
             return loss, {"loss": loss.detach()}
 
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        ids = batch["input_ids"]
-        positions = _positions(arch, batch)
-
-        def step(_, m):
-            out = m(ids, positions, None, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-            return out, loss_fn
-
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[ddp],
-                                    num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
-                                    forward_only=False)
-        grads = None
+        _run(ddp, batch, _positions(arch, batch), loss_fn, forward_only=False)
+        grads = params = None
         if ps.is_pipeline_first_stage():
             grads = {"model.visual." + n: p.main_grad.clone() for n, p in model.vision.named_parameters()}
-        results.append(grads)
+        _, grad_norm, _ = optimizer.step()
+        if ps.is_pipeline_first_stage():
+            params = {"model.visual." + n: p.detach().clone() for n, p in model.vision.named_parameters()}
+        results.append((grads, float(grad_norm), params))
     return results
 
 
