@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vl_jobs import IMAGE, MERGE, V_START, hf_class, tiny_vl_config, vl_batch
-from prism_mcore.models.qwen3_vl.rope import InterleavedMRoPE, rope_index
+from prism_mcore.models.qwen3_vl.rope import InterleavedMRoPE, rope_index, rope_index_packed
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,18 @@ def test_interleaved_mrope_matches_transformers(hf_model):
     assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
     # a genuinely 3-D layout: the H and W frequencies differ from T at image tokens
     assert not torch.equal(positions[0], positions[1])
+
+
+def test_packed_rows_count_each_sequence_from_zero():
+    """Packing two sequences into one row gives each the positions it has in a row of its own."""
+    a, b = vl_batch(images_per_row=(1,), seed=3), vl_batch(images_per_row=(2,), grids=((1, 2, 6), (1, 6, 4)), seed=4)
+    ids = torch.cat([a["input_ids"], b["input_ids"], torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    seg = torch.cat([torch.full_like(a["input_ids"], 1), torch.full_like(b["input_ids"], 2),
+                     torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    grids = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+    packed = rope_index_packed(ids, grids, seg, MERGE, IMAGE, V_START)
+    alone_a, _ = rope_index(a["input_ids"], a["image_grid_thw"], None, MERGE, IMAGE, V_START)
+    alone_b, _ = rope_index(b["input_ids"], b["image_grid_thw"], None, MERGE, IMAGE, V_START)
+    la, lb = a["input_ids"].shape[1], b["input_ids"].shape[1]
+    assert torch.equal(packed[:, :, :la], alone_a) and torch.equal(packed[:, :, la:la + lb], alone_b)
+    assert not packed[:, :, la + lb:].any()

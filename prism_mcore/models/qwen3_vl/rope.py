@@ -20,6 +20,55 @@ def _image_positions(start: int, t: int, h: int, w: int) -> torch.Tensor:
     return grid.reshape(3, -1) + start
 
 
+class _Images:
+    """The batch's image grids, consumed in order as image tokens are met."""
+
+    def __init__(self, image_grid_thw: torch.Tensor | None):
+        self.grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
+        self.used = 0
+
+    def take(self, where: str) -> tuple[int, int, int]:
+        if self.used >= len(self.grids):
+            raise ValueError(f"{where}: more images in input_ids than image_grid_thw lists ({len(self.grids)})")
+        self.used += 1
+        return self.grids[self.used - 1]
+
+    def check_all_used(self) -> None:
+        if self.used != len(self.grids):
+            raise ValueError(f"image_grid_thw lists {len(self.grids)} images, input_ids hold {self.used}")
+
+
+def _sequence_positions(ids: list[int], images: _Images, m: int, image_token_id: int,
+                        vision_start_token_id: int | None, where: str) -> torch.Tensor:
+    """[3, len(ids)] positions of one sequence (no padding inside), counting from 0."""
+    if not ids:
+        raise ValueError(f"{where} has no valid token")
+    pieces, pos, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            j = i
+            while j < len(ids) and ids[j] != image_token_id:
+                j += 1
+            pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+            pos += j - i
+            i = j
+            continue
+        index = images.used
+        t, h, w = images.take(where)
+        if h % m or w % m:
+            raise ValueError(f"image {index}: grid {(t, h, w)} is not divisible by the merge size {m}")
+        n = t * (h // m) * (w // m)
+        if ids[i:i + n] != [image_token_id] * n:
+            raise ValueError(f"{where}: image {index} of grid {(t, h, w)} needs {n} consecutive image tokens "
+                             f"at valid position {i}")
+        if vision_start_token_id is not None and (i == 0 or ids[i - 1] != vision_start_token_id):
+            raise ValueError(f"{where}: image {index} does not follow a vision-start token")
+        pieces.append(_image_positions(pos, t, h // m, w // m))
+        pos += max(h, w) // m
+        i += n
+    return torch.cat(pieces, dim=1)
+
+
 def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
                spatial_merge_size: int, image_token_id: int, vision_start_token_id: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,47 +81,40 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, att
     b, s = input_ids.shape
     ids_cpu = input_ids.detach().cpu()
     valid_rows = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
-    m = spatial_merge_size
+    images = _Images(image_grid_thw)
     position_ids = torch.zeros(3, b, s, dtype=torch.long)
     deltas = torch.zeros(b, 1, dtype=torch.long)
-    next_image = 0
     for row in range(b):
         valid = valid_rows[row]
         ids = ids_cpu[row][valid].tolist()
-        if not ids:
-            raise ValueError(f"row {row} has no valid token")
-        pieces, pos, i = [], 0, 0
-        while i < len(ids):
-            if ids[i] != image_token_id:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
-                pos += j - i
-                i = j
-                continue
-            if next_image >= len(grids):
-                raise ValueError(f"row {row}: more images in input_ids than image_grid_thw lists ({len(grids)})")
-            t, h, w = grids[next_image]
-            if h % m or w % m:
-                raise ValueError(f"image {next_image}: grid {(t, h, w)} is not divisible by the merge size {m}")
-            n = t * (h // m) * (w // m)
-            if ids[i:i + n] != [image_token_id] * n:
-                raise ValueError(f"row {row}: image {next_image} of grid {(t, h, w)} needs {n} consecutive image "
-                                 f"tokens at valid position {i}")
-            if vision_start_token_id is not None and (i == 0 or ids[i - 1] != vision_start_token_id):
-                raise ValueError(f"row {row}: image {next_image} does not follow a vision-start token")
-            pieces.append(_image_positions(pos, t, h // m, w // m))
-            pos += max(h, w) // m
-            i += n
-            next_image += 1
-        positions = torch.cat(pieces, dim=1)
+        positions = _sequence_positions(ids, images, spatial_merge_size, image_token_id, vision_start_token_id,
+                                        f"row {row}")
         position_ids[:, row, valid] = positions
         deltas[row, 0] = int(positions.max()) + 1 - len(ids)
-    if next_image != len(grids):
-        raise ValueError(f"image_grid_thw lists {len(grids)} images, input_ids hold {next_image}")
+    images.check_all_used()
     return position_ids.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def rope_index_packed(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, segment_ids: torch.Tensor,
+                      spatial_merge_size: int, image_token_id: int, vision_start_token_id: int | None = None
+                      ) -> torch.Tensor:
+    """position_ids [3, B, S] for rows packing several sequences: `segment_ids` [B, S] is 0 on padding and
+    k >= 1 on the k-th sequence of the row (contiguous). Each sequence counts from 0 as if it stood alone
+    (what rope_index gives it in a row of its own); padding gets 0."""
+    b, s = input_ids.shape
+    ids_cpu, seg = input_ids.detach().cpu(), segment_ids.detach().cpu()
+    images = _Images(image_grid_thw)
+    position_ids = torch.zeros(3, b, s, dtype=torch.long)
+    for row in range(b):
+        for k in sorted(set(seg[row].tolist()) - {0}):
+            cols = (seg[row] == k).nonzero().flatten()
+            if int(cols[-1] - cols[0]) + 1 != len(cols):
+                raise ValueError(f"row {row}: sequence {k} is not contiguous")
+            position_ids[:, row, cols] = _sequence_positions(ids_cpu[row, cols].tolist(), images, spatial_merge_size,
+                                                             image_token_id, vision_start_token_id,
+                                                             f"row {row} sequence {k}")
+    images.check_all_used()
+    return position_ids.to(input_ids.device)
 
 
 def text_positions(input_ids: torch.Tensor) -> torch.Tensor:
