@@ -22,7 +22,8 @@ def hf_dict(moe=False, tied=False, layers=4, **text):
 def test_arch_reads_the_text_model_and_the_vision_tower():
     arch = arch_from_hf(hf_dict(moe=True, tied=True))
     m = arch.text
-    assert (m.hidden_size, m.num_hidden_layers, m.head_dim, m.num_experts, m.moe_intermediate_size) == (64, 4, 32, 4, 48)
+    sizes = (m.hidden_size, m.num_hidden_layers, m.head_dim, m.num_experts, m.moe_intermediate_size)
+    assert sizes == (64, 4, 32, 4, 48)
     assert m.tie_word_embeddings and m.norm_topk_prob and m.rope_theta == 5e6
     assert arch.mrope_section == (6, 5, 5) and arch.num_deepstack == 2 and arch.spatial_merge_size == 2
     assert arch.text_for_megatron().megatron["mrope_section"] == [6, 5, 5]

@@ -63,7 +63,8 @@ def test_fused_logprob_head_matches_transformers(checkpoints, ranks):
         logprobs = torch.log_softmax(hf_forward(hf, batch).double(), -1)
     expected = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     valid = batch["attention_mask"][:, 1:].bool()
-    outs = [o for o in ranks(vl_fused_logprobs, 2, hf_dir, {"tp": 2, "sequence_parallel": True}, batch) if o is not None]
+    layout = {"tp": 2, "sequence_parallel": True}
+    outs = [o for o in ranks(vl_fused_logprobs, 2, hf_dir, layout, batch) if o is not None]
     assert len(outs) == 2
     for logp in outs:
         torch.testing.assert_close(logp.double()[valid], expected[valid], rtol=1e-4, atol=1e-4)
