@@ -11,6 +11,7 @@ in a main thread; elsewhere they are turned off and the caller's sandbox is the 
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from typing import Sequence
@@ -212,13 +213,35 @@ def answer_matches(pred: str, gold: str, use_math_verify: bool = True, timeout_s
     return False
 
 
+# How converters spell a missing value once it is text: str(float("nan")), str(None), JSON null. Such a
+# reference would give full marks to a model that answers "nan".
+_MISSING_TEXT = {"nan", "None", "null"}
+
+
+def is_missing_answer(value: object) -> bool:
+    """True for a reference answer that stands for "no answer": None, a non-finite float, or its text."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return True
+    if isinstance(value, str):
+        text = value.strip()
+        return not text or text in _MISSING_TEXT or text.lower() == "nan"
+    return False
+
+
 def answer_accuracy(pred: str, golds: str | Sequence[str], use_math_verify: bool = True, timeout_s: int = 2) -> float:
-    """1.0 when `pred` matches the reference or any equivalent answer, else 0.0. Never raises."""
-    if isinstance(golds, str):
-        golds = [golds]
+    """1.0 when `pred` matches the reference or any equivalent answer, else 0.0. Never raises, whatever it is
+    given (None, numbers, non-iterables, huge or malformed strings): a reward must not kill a training step.
+    A missing reference (`is_missing_answer`) matches nothing."""
+    try:
+        if not isinstance(pred, str):
+            return 0.0
+        golds = [golds] if isinstance(golds, str) else list(golds)
+    except Exception:  # noqa: BLE001 - golds is not iterable
+        return 0.0
     for gold in golds:
         try:
-            if isinstance(pred, str) and isinstance(gold, str) and answer_matches(pred, gold, use_math_verify, timeout_s):
+            if isinstance(gold, str) and not is_missing_answer(gold) and \
+                    answer_matches(pred, gold, use_math_verify, timeout_s):
                 return 1.0
         except Exception:  # noqa: BLE001 - any failure in a checker means "not verified"
             continue

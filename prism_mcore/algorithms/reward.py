@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-from prism_mcore.algorithms.answer_match import answer_accuracy
+from prism_mcore.algorithms.answer_match import answer_accuracy, is_missing_answer
 from prism_mcore.algorithms.response_format import ResponseFormat, get_format
 from prism_mcore.algorithms.sandbox import TimeoutSandbox
 
@@ -44,7 +44,11 @@ class AnswerChecker:
         self._checked = False
 
     def accuracy(self, pred: str, golds: str | Sequence[str]) -> float:
-        golds = [golds] if isinstance(golds, str) else [str(g) for g in golds if g is not None]
+        """Never raises: odd input (a non-iterable `golds`, a NaN or None reference) scores 0."""
+        try:  # numbers are fine references (an int column); a NaN or None one is missing, never converted
+            golds = [golds] if isinstance(golds, str) else [str(g) for g in golds if not is_missing_answer(g)]
+        except Exception:  # noqa: BLE001
+            return 0.0
         args = [str(pred), golds, self.use_math_verify, self.math_verify_timeout_s]
         if self._sandbox is not None and not self._checked:
             self._checked = True

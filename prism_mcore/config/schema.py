@@ -11,11 +11,27 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `optim.lr=inf` or `.nan` is a typo or a broken sweep, never a setting; pydantic's
+    # gt/ge bounds alone let inf through (`optim.lr=inf` trained to NaN weights and exited 0).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info) -> Any:
+        """Pydantic's lax mode reads true/false as 1/0 for int and float fields, so `trainer.steps=true`
+        trained one step. A boolean is accepted only where the field's type admits bool (or Any)."""
+        if isinstance(value, bool):
+            import typing
+
+            field = cls.model_fields.get(info.field_name)
+            kinds = set(typing.get_args(field.annotation) or (field.annotation,)) if field else set()
+            if not kinds & {bool, Any} and kinds & {int, float}:
+                raise ValueError(f"must be {'an integer' if int in kinds else 'a number'}, not a boolean")
+        return value
 
 
 class ModelConfig(_Section):

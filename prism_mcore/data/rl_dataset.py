@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from prism_mcore.algorithms.answer_match import is_missing_answer
 from prism_mcore.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,13 @@ def _parse_prompt(value: Any) -> tuple[list[dict] | None, str | None]:
 
 
 def _as_answer(value: Any) -> str | None:
-    if isinstance(value, bool) or value is None:
+    # NaN/None (or their text, "nan"/"None"/"null") is a missing answer, not the answer "nan": kept, it
+    # would score a model that writes "nan" as correct.
+    if isinstance(value, bool) or is_missing_answer(value):
         return None
     if isinstance(value, (int, float)):
         return str(value)
-    return value.strip() if isinstance(value, str) and value.strip() else None
+    return value.strip() if isinstance(value, str) else None
 
 
 def _parse_reward(value: Any) -> tuple[str | None, list[str], str | None]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from prism_mcore.data.errors import DataError
+from prism_mcore.data.jsonl import first_char, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -92,23 +93,25 @@ def normalize_record(record: Any) -> tuple[list[dict[str, Any]] | None, str | No
 
 
 def _records(path: Path) -> Iterable[tuple[int, Any, str | None]]:
-    """(line number, record, parse error) for each line, or each item of a top-level JSON array."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON array ({e.msg})") from None
-        for i, item in enumerate(items, 1):
-            yield i, item, None
+    """(line number, record, parse error) for each line, or each item of a top-level JSON array. JSON Lines
+    are decoded line by line, so a line with invalid UTF-8 is one skipped row (`invalid_utf8`); a JSON
+    array is one document, so a bad byte or bracket in it is a DataError naming its line."""
+    if first_char(path) != "[":
+        yield from read_jsonl(path)
         return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line), None
-        except json.JSONDecodeError:
-            yield i, None, "invalid_json"
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: invalid UTF-8 in a JSON array (JSON Lines would skip just that "
+                        f"line)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON array ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid JSON array ({str(e).splitlines()[0][:200]})") from None
+    for i, item in enumerate(items, 1):
+        yield i, item, None
 
 
 def load_chat_jsonl(path: str | Path) -> tuple[list[list[dict[str, Any]]], Counter]:
@@ -130,7 +133,8 @@ def load_chat_jsonl(path: str | Path) -> tuple[list[list[dict[str, Any]]], Count
         detail = f"; first problem at {first_bad}" if first_bad else " (empty file)"
         raise DataError(f"{path}: no usable conversation: expected 'messages' or sharegpt 'conversations'{detail}")
     if skipped:
-        logger.warning("%s: skipped %d malformed lines: %s", path, sum(skipped.values()), dict(skipped))
+        logger.warning("%s: skipped %d malformed lines (first at %s): %s", path, sum(skipped.values()), first_bad,
+                       dict(skipped))
     return conversations, skipped
 
 
@@ -176,6 +180,27 @@ def tokenize_chat(messages: Sequence[dict], tokenizer, max_length: int) -> SFTSa
             j += 1
         mask.append(int(j < len(spans) and spans[j][0] <= start))
     return SFTSample(list(ids[:max_length]), mask[:max_length])
+
+
+def tokenize_chats(conversations: Sequence[Sequence[dict]], tokenizer, max_length: int,
+                   source: str = "SFT data") -> tuple[list[SFTSample], Counter]:
+    """`tokenize_chat` for each conversation, without those left with no target token once truncated to
+    `max_length` (the first assistant turn starts past it): they are counted in the Counter as `too_long`,
+    and a warning names how many. None left is a DataError naming `source` and the limit."""
+    samples, dropped = [], Counter()
+    for messages in conversations:
+        sample = tokenize_chat(messages, tokenizer, max_length)
+        if sum(sample.loss_mask) > 0:
+            samples.append(sample)
+        else:
+            dropped["too_long"] += 1
+    if conversations and not samples:
+        raise DataError(f"{source}: no conversation has an assistant token within {max_length} tokens "
+                        f"(data.max_prompt_length + data.max_response_length)")
+    if dropped:
+        logger.warning("%s: dropped %d of %d conversations with no assistant token within %d tokens",
+                       source, dropped["too_long"], len(conversations), max_length)
+    return samples, dropped
 
 
 # ---- batching

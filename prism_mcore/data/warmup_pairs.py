@@ -8,7 +8,6 @@ is skipped and counted, as in the original.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_mcore.data.errors import DataError
+from prism_mcore.data.jsonl import read_jsonl
 from prism_mcore.data.synthetic import SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -83,19 +83,12 @@ def load_warmup_pairs(path: str | os.PathLike, system_prompt: str = SYSTEM_PROMP
         raise DataError(f"{path}: warm-up pairs file not found")
     pairs: list[PairExample] = []
     skipped: Counter = Counter()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["invalid_json"] += 1
-                continue
+    for lineno, record, reason in read_jsonl(path):  # a line with invalid UTF-8 or JSON is skipped, counted
+        if reason is None:
             found, reason = pairs_from_record(record, system_prompt, image_base_path, lineno)
-            if reason:
-                skipped[reason] += 1
             pairs.extend(found)
+        if reason:
+            skipped[reason] += 1
     if not pairs:
         raise DataError(f"{path}: no usable pair: each line needs prompt and "
                         f"{'/'.join(SEGMENT_FIELDS)} (or {'/'.join(RESPONSE_FIELDS)}); skipped: {dict(skipped)}")
