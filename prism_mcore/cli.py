@@ -12,8 +12,24 @@ from prism_mcore.config import ConfigError, load_config
 from prism_mcore.data.errors import DataError as _DataError
 
 
+def _gpu_budget(cfg, given: float | None) -> float | None:
+    """The GiB the per-GPU estimate is checked against: --gpu-memory-gib when given, else 80 for a config
+    whose models are in a GPU dtype (bfloat16 / float16), else none: a float32 config is taken to be a CPU
+    one (the demo's), and "of 80 GiB" would be a number about a device it never uses."""
+    from prism_mcore.config.memory import DEFAULT_GPU_MEMORY_GIB
+
+    if given is not None:
+        return given
+    models = [cfg.model] + ([cfg.discriminator.model] if cfg.discriminator is not None else [])
+    return DEFAULT_GPU_MEMORY_GIB if any(m.dtype in ("bfloat16", "float16") for m in models) else None
+
+
 def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if not args.config_only:
+        from prism_mcore.trainer.train import preflight
+
+        preflight(cfg)  # what `prism train` would reject before starting: data files, stage, HF checkpoint
     p = cfg.parallel
     layout = f"tp={p.tp} pp={p.pp} cp={p.cp} ep={p.ep} sp={p.sequence_parallel}"
     m = cfg.model
@@ -21,11 +37,12 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok ({m.num_hidden_layers} layers, hidden {m.hidden_size}, {kind}; {layout})")
     from prism_mcore.config.memory import GiB, estimate_memory
 
-    estimate = estimate_memory(cfg, gpu_gib=args.gpu_memory_gib)
-    print(estimate.table(args.gpu_memory_gib))
-    if not estimate.fits(args.gpu_memory_gib):
+    budget = _gpu_budget(cfg, args.gpu_memory_gib)
+    estimate = estimate_memory(cfg, **({} if budget is None else {"gpu_gib": budget}))
+    print(estimate.table(budget))
+    if budget is not None and not estimate.fits(budget):
         print(f"{args.config}: estimated peak {estimate.peak / GiB:.1f} GiB per GPU exceeds --gpu-memory-gib="
-              f"{args.gpu_memory_gib:g}", file=sys.stderr)
+              f"{budget:g}", file=sys.stderr)
         return 1
     return 0
 
@@ -61,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config file (and overrides) without running anything")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="device memory the per-GPU estimate must fit (exit 1 when it does not)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="device memory the per-GPU estimate must fit (exit 1 when it does not); default 80 for a "
+                   "bfloat16/float16 config, no budget for a float32 (CPU) one")
+    p.add_argument("--config-only", action="store_true",
+                   help="check the config alone, not the data files and HF checkpoint `prism train` would read "
+                   "(for templates whose data is given at launch)")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("train", help="run one training stage (trainer.stage) from a config")
@@ -83,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import prism_mcore.platform.quiet  # noqa: F401 - third-party FutureWarnings, here and in child processes
+
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         import importlib

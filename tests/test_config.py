@@ -66,6 +66,7 @@ def test_cli_validate_broken_config_exits_2(tmp_path):
 
 def test_cli_validate_every_shipped_config():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
-        res = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "validate", str(path)],
+        # --config-only: shipped configs are templates; their data files and checkpoints come at launch
+        res = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "validate", "--config-only", str(path)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, f"{path}: {res.stderr}"

@@ -20,7 +20,16 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json (is --hf a Hugging Face checkpoint directory?)")
-    return json.loads(path.read_text())
+    # Errors name the file: a bare "Expecting value: line 1 column 1" does not say which JSON is broken.
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def model_fields_from_hf(hf: dict) -> dict:
@@ -28,7 +37,11 @@ def model_fields_from_hf(hf: dict) -> dict:
     if hf.get("model_type") not in ("qwen3", "qwen3_moe"):
         raise ValueError(f"model_type {hf.get('model_type')!r} is not supported (expected qwen3 or qwen3_moe)")
     fields = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if hf.get(theirs) is not None}
-    fields.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    if "head_dim" not in fields:
+        try:
+            fields["head_dim"] = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise ValueError("needs head_dim, or hidden_size and num_attention_heads (positive integers)") from None
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta"))
     if theta is not None:

@@ -26,14 +26,24 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {path}: base: cycle through {' -> '.join(map(str, seen))}")
+    if path.is_dir():
+        raise ConfigError(f"config {path}: is a directory, expected a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"config {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None and path.is_file():
+        # An empty (or all-comment) file is a truncated or wrong file, not "all defaults". /dev/null, which
+        # is not a regular file, stays the way to say "no file, everything from overrides".
+        raise ConfigError(f"config {path}: empty file, expected a mapping of sections (model:, trainer:, ...)")
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -66,6 +76,16 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         node[parts[-1]] = raw
 
 
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float) and value != value:
+        return ".nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return ".inf" if value > 0 else "-.inf"
+    return repr(value)
+
+
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
@@ -75,7 +95,8 @@ def _one_line(err: ValidationError) -> str:
     if not key:  # a cross-field check from PrismConfig._check_layout names its keys itself
         return f"config error: {msg}"
     got = first.get("input")
-    shown = "" if isinstance(got, (dict, list)) else f"={got!r}"
+    # YAML spelling for the scalars YAML spells differently from Python (a user typed `true`, not `True`)
+    shown = "" if isinstance(got, (dict, list)) else f"={_yaml_scalar(got)}"
     return f"config error: {key}{shown}: {msg}"
 
 

@@ -139,20 +139,23 @@ class MemoryEstimate:
     def fits(self, gpu_gib: float = DEFAULT_GPU_MEMORY_GIB) -> bool:
         return self.peak <= gpu_gib * GiB
 
-    def table(self, gpu_gib: float = DEFAULT_GPU_MEMORY_GIB) -> str:
+    def table(self, gpu_gib: float | None = DEFAULT_GPU_MEMORY_GIB) -> str:
+        """The estimate, and with `gpu_gib` the budget it is measured against (None: no budget line, for a
+        config that runs on CPU, where a GPU's size means nothing)."""
         g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
         lines = [f"per-GPU memory estimate (GiB; worst pipeline stage, {self.world_size} ranks):",
                  f"  {'component':<13}" + "".join(f"{m.name:>15}" for m in self.models)]
         for key in ("weights", "grads", "optimizer", "activations", "total"):
             label = {"grads": "gradients"}.get(key, key)
             lines.append(f"  {label:<13}" + "".join(f"{g(getattr(m, key)):>15}" for m in self.models))
-        lines.append(f"  training peak {g(self.training_peak)} of {gpu_gib:g} GiB "
-                     f"({100 * self.training_peak / (gpu_gib * GiB):.0f}%)")
+        budget = "" if gpu_gib is None else \
+            f" of {gpu_gib:g} GiB ({100 * self.training_peak / (gpu_gib * GiB):.0f}%)"
+        lines.append(f"  training peak {g(self.training_peak)}{budget or ' GiB'}")
         if self.rollout_weights:
-            left = gpu_gib * GiB - self.generation_peak
+            left = "" if gpu_gib is None else \
+                f", {g(max(0, gpu_gib * GiB - self.generation_peak))} GiB left for KV cache"
             lines.append(f"  rollout (colocated; vLLM sleeps while training): engine weights {g(self.rollout_weights)}"
-                         f" + trainer state {g(self.generation_peak - self.rollout_weights)} while generating,"
-                         f" {g(max(0, left))} GiB left for KV cache")
+                         f" + trainer state {g(self.generation_peak - self.rollout_weights)} while generating{left}")
         for m in self.models:
             lines += [f"  note ({m.name}): {n}" for n in m.notes]
         return "\n".join(lines)

@@ -31,31 +31,45 @@ def stage_main(cfg_tree: dict) -> dict:
 
 
 def preflight(cfg: PrismConfig) -> None:
-    """Input problems fail here, in one line, before any rank starts."""
+    """Input problems fail here, in one line, before any rank starts (`prism validate` runs this too): a stage
+    `prism train` cannot run, a stage without its data, a missing or unusable data file, no HF checkpoint
+    for a stage that starts engines from one. Bad rows are only counted (a warning per file)."""
     from pathlib import Path
 
+    from prism_mcore.config import ConfigError
     from prism_mcore.data.errors import DataError
 
+    stage = cfg.trainer.stage
+    needs = {"sft": "a chat JSONL file", "disc-warmup": "a warm-up pairs JSONL file",
+             "align": "an RL parquet file with teacher_caption/teacher_cot", "rl": "an RL parquet file"}
+    if stage not in needs:
+        raise ConfigError(f"config error: trainer.stage={stage!r} is not runnable by `prism train` (available: "
+                          f"{', '.join(sorted(needs))}; the demo runs as `prism demo`)")
+    if not cfg.data.train_files:
+        raise DataError(f"data.train_files is empty: the {stage} stage needs {needs[stage]} "
+                        f"(data.train_files=[PATH, ...])")
     for path in cfg.data.train_files + cfg.data.val_files:
         if not Path(path).is_file():
             raise DataError(f"{path}: no such file (data.train_files / data.val_files)")
-    if cfg.trainer.stage == "sft":
-        from prism_mcore.data.sft_dataset import load_chat_jsonl
+    if stage == "sft":
+        from prism_mcore.data.sft_dataset import load_chat_jsonl, tokenize_chats
+        from prism_mcore.data.tokenizer import qwen3_tokenizer
 
-        for path in cfg.data.train_files:
-            load_chat_jsonl(path)
-    if cfg.trainer.stage in ("rl", "align"):
+        tokenizer, max_length = qwen3_tokenizer(), cfg.data.max_prompt_length + cfg.data.max_response_length
+        for path in cfg.data.train_files:  # counts bad lines and conversations too long to train on
+            tokenize_chats(load_chat_jsonl(path)[0], tokenizer, max_length, source=str(path))
+    if stage in ("rl", "align"):
         from prism_mcore.data.rl_dataset import RLDataset
         from prism_mcore.data.tokenizer import qwen3_tokenizer
 
         if not cfg.model.hf_path:
-            raise DataError(f"model.hf_path: the {cfg.trainer.stage} stage starts the rollout engines from an HF "
+            raise DataError(f"model.hf_path: the {stage} stage starts the rollout engines from an HF "
                             f"checkpoint")
         RLDataset(cfg.data.train_files, qwen3_tokenizer(), cfg.data.max_prompt_length,
-                  require_teacher=cfg.trainer.stage == "align")
+                  require_teacher=stage == "align")
         if cfg.data.val_files:
             RLDataset(cfg.data.val_files, qwen3_tokenizer(), cfg.data.max_prompt_length)
-    if cfg.trainer.stage == "disc-warmup":
+    if stage == "disc-warmup":
         from prism_mcore.data.warmup_pairs import load_warmup_pairs
 
         for path in cfg.data.train_files:
