@@ -5,7 +5,12 @@ tensors (and slices) that piece needs, then all ranks write one Megatron dist ch
 Export: the checkpoint is loaded at its own layout; tensors are gathered to rank 0 one (layer of
 a) tensor at a time and streamed into sharded safetensors, so no process holds the whole model.
 The source config.json / tokenizer files travel inside the checkpoint (ROOT/hf/) and come back
-unchanged on export.
+unchanged on export (config.json gains `transformers_version` when it lacks one).
+
+Both directions write a hidden temporary sibling of `--out` and rename it into place when complete; an
+existing non-empty `--out` is refused in one line unless `--overwrite`, and then replaced only after the
+new output is complete. Unusable inputs (a truncated safetensors file, a malformed JSON file, a pickle
+where safetensors belong) are one line naming the file, exit 2.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from prism_mcore.checkpoint.hf_config import write_scratch_side_files
-from prism_mcore.checkpoint.hf_io import LazyCheckpoint, ShapeMismatch, ShardedWriter, side_files
+from prism_mcore.checkpoint.hf_config import transformers_version, write_scratch_side_files
+from prism_mcore.checkpoint.hf_io import (CheckpointError, LazyCheckpoint, ShardedWriter, TargetExists, atomic_dir,
+                                          check_target, read_json, side_files)
 from prism_mcore.config import ConfigError, ModelConfig, PrismConfig
 from prism_mcore.config.load import build_config
 
@@ -98,7 +104,7 @@ def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int, k
     return len(loaded)
 
 
-def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
+def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int, overwrite: bool = False) -> int:
     from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint
     from prism_mcore.parallel.layout import init_model_parallel
 
@@ -110,41 +116,73 @@ def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int) -> int:
     net = _build(kind, cfg)
     load_checkpoint(ckpt, [net])
     side = latest_checkpoint(ckpt_root).parent / HF_SIDE_DIR
-    write_hf(net, cfg.model, kind, out_dir, sorted(side.iterdir()) if side.exists() else [], max_shard_bytes)
+    write_hf(net, cfg.model, kind, out_dir, sorted(side.iterdir()) if side.exists() else [], max_shard_bytes,
+             overwrite=overwrite)
     dist.barrier()
     return 0
 
 
 def write_hf(net, model: ModelConfig, kind: str, out_dir: str | Path, side_files: list[Path],
-             max_shard_bytes: int = 2 * 1024**3) -> None:
+             max_shard_bytes: int = 2 * 1024**3, *, overwrite: bool = False) -> None:
     """Collective: stream a (sharded) Megatron model into an HF directory written by rank 0, gathering
-    one tensor (or one layer of it) at a time."""
+    one tensor (or one layer of it) at a time. The directory is written as a temporary sibling and renamed
+    into place when complete. An existing non-empty `out_dir` raises TargetExists on every rank (before
+    any work) unless `overwrite`; with it, the old directory is replaced only once the new one is complete."""
     from prism_mcore.models.qwen3.hf_adapter import is_layered
     from prism_mcore.parallel.shards import local_shards
 
+    refusal: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_target(out_dir, overwrite)
+        except TargetExists as e:
+            refusal[0] = str(e)
+    dist.broadcast_object_list(refusal, src=0)  # every rank stops, not only the writer (no hung collective)
+    if refusal[0]:
+        raise TargetExists(refusal[0])
     mine = [s for s in local_shards(net) if s.primary]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted({(s.key, s.global_shape) for s in mine}))
     tensors = sorted(set().union(*map(set, everyone)))
-    writer = ShardedWriter(out_dir, max_shard_bytes) if dist.get_rank() == 0 else None
-    for key, shape in tensors:
-        for layer in (range(shape[0]) if is_layered(key) else [None]):
-            pieces = [(s.region(), s.data) for s in mine if s.key == key
-                      and (layer is None or s.region()[0].start <= layer < s.region()[0].stop)]
-            gathered: list = [None] * dist.get_world_size() if writer else None
-            dist.gather_object(pieces, gathered, dst=0)
-            if writer:
-                value = _assemble_one(key, shape, layer, [p for rank in gathered for p in rank])
-                for name, tensor in _hf_tensors(kind, model, key, layer, value):
-                    writer.add(name, tensor)
-    if writer:
-        with tempfile.TemporaryDirectory() as scratch:
-            if not any(f.name == "config.json" for f in side_files):  # built from `model:` fields, no source
-                side_files = write_scratch_side_files(model, Path(scratch))
-            out = writer.close(side_files)
-        if kind == DISCRIMINATOR:
-            _as_sequence_classifier(out / "config.json")
+    writer = ShardedWriter(out_dir, max_shard_bytes, overwrite=overwrite) if dist.get_rank() == 0 else None
+    try:
+        for key, shape in tensors:
+            for layer in (range(shape[0]) if is_layered(key) else [None]):
+                pieces = [(s.region(), s.data) for s in mine if s.key == key
+                          and (layer is None or s.region()[0].start <= layer < s.region()[0].stop)]
+                gathered: list = [None] * dist.get_world_size() if writer else None
+                dist.gather_object(pieces, gathered, dst=0)
+                if writer:
+                    value = _assemble_one(key, shape, layer, [p for rank in gathered for p in rank])
+                    for name, tensor in _hf_tensors(kind, model, key, layer, value):
+                        writer.add(name, tensor)
+        if writer:
+            with tempfile.TemporaryDirectory() as scratch:
+                writer.close(_release_side_files(kind, model, side_files, Path(scratch)))
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
     dist.barrier()
+
+
+def _release_side_files(kind: str, model: ModelConfig, side_files: list[Path], scratch: Path) -> list[Path]:
+    """The side files to publish: the source's (or, for a model trained from scratch, ones built from
+    `model`), with config.json copied into `scratch` when it needs a change: `transformers_version` when
+    absent (transformers and vLLM read it), the sequence-classifier identity for a discriminator."""
+    if not any(f.name == "config.json" for f in side_files):  # built from `model:` fields, no source
+        side_files = write_scratch_side_files(model, scratch / "built")
+    source = next(f for f in side_files if f.name == "config.json")
+    cfg = read_json(source)
+    changed = dict(cfg)
+    changed.setdefault("transformers_version", transformers_version())
+    if kind == DISCRIMINATOR:
+        _as_sequence_classifier(changed)
+    if changed == cfg:
+        return side_files
+    edited = scratch / "config.json"
+    edited.write_text(json.dumps(changed, indent=2, sort_keys=kind == DISCRIMINATOR) + "\n")
+    return [f for f in side_files if f.name != "config.json"] + [edited]
 
 
 def _hf_tensors(kind: str, model: ModelConfig, key: str, layer, value):
@@ -157,14 +195,12 @@ def _hf_tensors(kind: str, model: ModelConfig, key: str, layer, value):
         yield from hf_tensors(model, key, layer, value)
 
 
-def _as_sequence_classifier(config_path: Path) -> None:
+def _as_sequence_classifier(cfg: dict) -> None:
     """A discriminator is released as `Qwen3(Moe)ForSequenceClassification` with one label: transformers'
     own class for a backbone + `score` Linear(hidden, 1, bias=False), scored at the last token."""
-    cfg = json.loads(config_path.read_text())
     base = "Qwen3Moe" if cfg.get("model_type") == "qwen3_moe" else "Qwen3"
     cfg.update(architectures=[f"{base}ForSequenceClassification"], num_labels=1,
                id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _assemble_one(key: str, shape: tuple, layer: int | None, pieces: list) -> torch.Tensor:
@@ -184,31 +220,59 @@ def _assemble_one(key: str, shape: tuple, layer: int | None, pieces: list) -> to
     return value
 
 
-def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, kind: str = POLICY) -> int:
+def _source_model(hf_dir: str) -> tuple[dict, ModelConfig]:
+    """The HF config.json and the ModelConfig it describes; any problem is one line naming the file."""
+    from pydantic import ValidationError
+
+    from prism_mcore.config.load import _one_line
     from prism_mcore.models.qwen3.hf_adapter import model_fields_from_hf, read_hf_config
+
+    path = Path(hf_dir) / "config.json"
+    try:
+        hf_config = read_hf_config(hf_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        return hf_config, ModelConfig.model_validate(model_fields_from_hf(hf_config))
+    except ValidationError as e:
+        raise CheckpointError(f"{path}: {_one_line(e).removeprefix('config error: ')}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, kind: str = POLICY,
+                overwrite: bool = False) -> int:
     from prism_mcore.platform.multiproc import run_on_ranks
 
-    hf_config = read_hf_config(hf_dir)
-    if any(a.endswith("ForSequenceClassification") for a in hf_config.get("architectures", [])):
+    hf_config, model = _source_model(hf_dir)
+    architectures = hf_config.get("architectures") or []
+    if isinstance(architectures, list) and any(str(a).endswith("ForSequenceClassification") for a in architectures):
         kind = DISCRIMINATOR
-    model = ModelConfig.model_validate(model_fields_from_hf(hf_config))
     world = minimal_world(tp, pp, ep)
     _config(model.model_dump(), tp, pp, ep, world)  # layout errors surface here, before any rank starts
     source = LazyCheckpoint(hf_dir)
-    source.check_shapes(expected_hf_shapes(kind, model, source))  # shape errors too
-    run_on_ranks(import_rank, world, hf_dir, out, model.model_dump(), tp, pp, ep, kind, timeout=3600)
+    source.check_shapes(expected_hf_shapes(kind, model, source))  # shape and unreadable-file errors too
+    with atomic_dir(out, overwrite) as tmp:  # refused here, before any rank starts, when --out holds data
+        run_on_ranks(import_rank, world, hf_dir, str(tmp), model.model_dump(), tp, pp, ep, kind, timeout=3600)
     return 0
 
 
-def mcore_to_hf(ckpt_root: str, out_dir: str, max_shard_bytes: int = 2 * 1024**3) -> int:
+def mcore_to_hf(ckpt_root: str, out_dir: str, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> int:
     from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint
     from prism_mcore.platform.multiproc import run_on_ranks
 
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is None:
         raise FileNotFoundError(f"{ckpt_root}: no complete checkpoint (no step_*/prism_meta.json)")
-    layout = json.loads((ckpt / "prism_meta.json").read_text())["layout"]
-    run_on_ranks(export_rank, layout["world"], ckpt_root, out_dir, max_shard_bytes, timeout=3600)
+    meta = read_json(ckpt / "prism_meta.json")
+    layout = meta.get("layout")
+    if not (isinstance(layout, dict) and all(isinstance(layout.get(k), int) and not isinstance(layout.get(k), bool)
+                                             and layout.get(k) > 0 for k in ("tp", "pp", "ep", "world"))):
+        raise CheckpointError(f"{ckpt / 'prism_meta.json'}: no valid 'layout' (positive tp, pp, ep, world)")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{ckpt / 'prism_meta.json'}: no 'model' section")
+    check_target(out_dir, overwrite)  # the ranks check again; this makes the refusal one line, before they start
+    run_on_ranks(export_rank, layout["world"], ckpt_root, out_dir, max_shard_bytes, overwrite, timeout=3600)
     return 0
 
 
@@ -223,16 +287,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--discriminator", action="store_true",
                    help="import as the PRISM discriminator (backbone + value head `score.weight`)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty "
+                   "(only once the new checkpoint is complete)")
     p = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF safetensors directory")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-gb", type=float, default=2.0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty "
+                   "(only once the new directory is complete)")
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
             kind = DISCRIMINATOR if args.discriminator else POLICY
-            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, kind)
-        return mcore_to_hf(args.ckpt, args.out, int(args.max_shard_gb * 1024**3))
-    except (ConfigError, ShapeMismatch, FileNotFoundError, ValueError) as e:
+            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, kind, overwrite=args.overwrite)
+        return mcore_to_hf(args.ckpt, args.out, int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"convert: {e}".splitlines()[0], file=sys.stderr)
         return 2

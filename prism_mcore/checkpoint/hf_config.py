@@ -12,6 +12,19 @@ from prism_mcore.config import ModelConfig
 from prism_mcore.data.tokenizer import ENDOFTEXT_ID, IM_END_ID
 
 
+def transformers_version() -> str:
+    """The installed transformers' version, as `save_pretrained` records it in config.json (readers such as
+    vLLM use it to pick how to read the file)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:  # metadata missing (a vendored copy): the module knows its own version
+        import transformers
+
+        return transformers.__version__
+
+
 def hf_config_dict(m: ModelConfig) -> dict:
     body = {"architectures": ["Qwen3MoeForCausalLM" if m.is_moe else "Qwen3ForCausalLM"],
             "model_type": "qwen3_moe" if m.is_moe else "qwen3", "vocab_size": m.vocab_size,
@@ -21,7 +34,8 @@ def hf_config_dict(m: ModelConfig) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
             "tie_word_embeddings": m.tie_word_embeddings, "max_position_embeddings": m.max_position_embeddings,
             "hidden_act": "silu", "attention_bias": False, "dtype": m.dtype,
-            "eos_token_id": IM_END_ID, "pad_token_id": ENDOFTEXT_ID, "bos_token_id": None}
+            "eos_token_id": IM_END_ID, "pad_token_id": ENDOFTEXT_ID, "bos_token_id": None,
+            "transformers_version": transformers_version()}
     if m.is_moe:
         body.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
                     moe_intermediate_size=m.moe_intermediate_size or m.intermediate_size,

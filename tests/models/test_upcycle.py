@@ -173,10 +173,12 @@ def test_wrong_model_type_and_existing_out_dir(dense_dirs, tmp_path, capsys):
     out = tmp_path / "moe"
     out.mkdir()
     (out / "keep").write_text("")
-    with pytest.raises(ValueError, match="out_dir must not exist"):
+    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
         upc.upcycle(dense_dirs[True], out)
     assert upc.main(["--hf", str(dense_dirs[True]), "--out", str(out)]) == 2
-    assert "out_dir must not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: exists and is not empty; pass --overwrite" in err
+    assert (out / "keep").exists()  # refused: the user's file is untouched
     assert upc.main(["--hf", str(dense_dirs[True]), "--out", str(out), "--overwrite", "--num-experts", "3",
                      "--topk", "1", "--seed", "4"]) == 0
     summary = capsys.readouterr().out

@@ -20,6 +20,11 @@ and the sum cast to the source dtype.
 
 Peak memory is about one output shard (max_shard_bytes) plus one layer's experts: tensors are read
 one at a time with `safe_open` and shards are flushed as they fill.
+
+The output is written as a hidden temporary sibling of out_dir and renamed into place when complete
+(checkpoint/hf_io.py `atomic_dir`): a non-empty out_dir is refused unless overwrite, and then replaced only
+after the new checkpoint is complete. Unreadable inputs (malformed config.json or index, a truncated or
+pickled weights file) are one-line errors naming the file.
 """
 from __future__ import annotations
 
@@ -30,12 +35,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from prism_mcore.checkpoint.hf_io import CheckpointError, atomic_dir, check_target, open_safetensors, read_json
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -64,10 +69,16 @@ def _check_args(num_experts, top_k, noise_std, router_std, router_aux_loss_coef,
 def _dense_weight_map(dense: Path) -> dict[str, Path]:
     index = dense / "model.safetensors.index.json"
     if index.is_file():
-        return {k: dense / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> file name")
+        for f in sorted(set(weight_map.values())):
+            with open_safetensors(dense / f):  # every file readable (not truncated, not a pickle) before any work
+                pass
+        return {k: dense / f for k, f in weight_map.items()}
     single = dense / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     raise ValueError(f"dense_dir must hold model.safetensors or model.safetensors.index.json: {dense}")
 
@@ -133,11 +144,13 @@ def upcycle(dense_dir, out_dir, num_experts: int = 4, top_k: int = 2, noise_std:
         raise ValueError(f"dense_dir must be an HF checkpoint directory with config.json: {dense}")
     if out == dense:
         raise ValueError(f"out_dir must differ from dense_dir: {out}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"out_dir must not exist (pass overwrite=True to replace it): {out}")
-    raw = json.loads((dense / "config.json").read_text())
+    check_target(out, overwrite)  # before any work; atomic_dir checks again
+    raw = read_json(dense / "config.json")
     if raw.get("model_type") != "qwen3":
         raise ValueError(f"dense_dir config model_type must be 'qwen3', found {raw.get('model_type')!r}")
+    for key in ("num_hidden_layers", "intermediate_size"):
+        if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool) or raw[key] < 1:
+            raise CheckpointError(f"{dense / 'config.json'}: {key} must be a positive integer, found {raw.get(key)!r}")
     if raw.get("use_sliding_window"):
         raise ValueError("dense_dir config use_sliding_window must be false: Qwen3-MoE cannot express "
                          "per-layer sliding windows")
@@ -161,53 +174,46 @@ def upcycle(dense_dir, out_dir, num_experts: int = 4, top_k: int = 2, noise_std:
         if mlp != want:
             raise ValueError(f"dense_dir layer {i} MLP weights must be exactly {want}, found {mlp}")
 
-    config = _moe_config(raw, num_experts, top_k, router_aux_loss_coef)
+    try:
+        config = _moe_config(raw, num_experts, top_k, router_aux_loss_coef)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{dense / 'config.json'}: not a usable Qwen3 config ({str(e).splitlines()[0]})") \
+            from None
     gen = torch.Generator().manual_seed(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     handles: dict[Path, object] = {}
 
     def read(key: str) -> torch.Tensor:
         path = weight_map[key]
         if path not in handles:
-            handles[path] = safe_open(path, framework="pt")
+            handles[path] = open_safetensors(path)
         return handles[path].get_tensor(key)
 
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        for key in sorted(rest):
-            writer.add(key, read(key))
-        for i in range(num_layers):
-            for key in sorted(layers[i]):
-                if ".mlp." not in key:
-                    writer.add(key, read(key))
-            dense_mlp = {p: read(f"model.layers.{i}.mlp.{p}.weight") for p in _DENSE_MLP}
-            dtype, hidden = dense_mlp["gate_proj"].dtype, dense_mlp["gate_proj"].shape[1]
-            router = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float32) * router_std
-            writer.add(f"model.layers.{i}.mlp.gate.weight", router.to(dtype))
-            for j in range(num_experts):
-                for p in _DENSE_MLP:
-                    w = dense_mlp[p]
-                    noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * noise_std
-                    writer.add(f"model.layers.{i}.mlp.experts.{j}.{p}.weight", (w.float() + noise).to(dtype))
-        writer.finish()
+        with atomic_dir(out, overwrite) as tmp:
+            writer = _ShardWriter(tmp, max_shard_bytes)
+            for key in sorted(rest):
+                writer.add(key, read(key))
+            for i in range(num_layers):
+                for key in sorted(layers[i]):
+                    if ".mlp." not in key:
+                        writer.add(key, read(key))
+                dense_mlp = {p: read(f"model.layers.{i}.mlp.{p}.weight") for p in _DENSE_MLP}
+                dtype, hidden = dense_mlp["gate_proj"].dtype, dense_mlp["gate_proj"].shape[1]
+                router = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float32) * router_std
+                writer.add(f"model.layers.{i}.mlp.gate.weight", router.to(dtype))
+                for j in range(num_experts):
+                    for p in _DENSE_MLP:
+                        w = dense_mlp[p]
+                        noise = torch.randn(w.shape, generator=gen, dtype=torch.float32) * noise_std
+                        writer.add(f"model.layers.{i}.mlp.experts.{j}.{p}.weight", (w.float() + noise).to(dtype))
+            writer.finish()
+            handles.clear()
+            config.save_pretrained(tmp)  # records transformers_version
+            for f in sorted(dense.iterdir()):
+                if f.is_file() and _EXTRA_FILES.match(f.name):
+                    shutil.copy2(f, tmp / f.name)
+    finally:
         handles.clear()
-        config.save_pretrained(tmp)
-        for f in sorted(dense.iterdir()):
-            if f.is_file() and _EXTRA_FILES.match(f.name):
-                shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            # Swap the old output aside first, so a crash here still never leaves a half-written out_dir.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        handles.clear()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -222,7 +228,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--router-std", type=float, default=0.02)
     parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="router_aux_loss_coef in config")
-    parser.add_argument("--overwrite", action="store_true", help="replace MOE_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace MOE_DIR if it exists and is not empty (only once the new one is complete)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has already printed usage; keep main() returning an int
@@ -231,8 +238,8 @@ def main(argv: list[str]) -> int:
         out = upcycle(args.hf, args.out, num_experts=args.num_experts, top_k=args.topk, noise_std=args.noise_std,
                 seed=args.seed, router_std=args.router_std, router_aux_loss_coef=args.aux_loss_coef,
                 overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"prism upcycle: {e}", file=sys.stderr)
+    except ValueError as e:  # CheckpointError included: one line naming the argument or the file
+        print(f"prism upcycle: {e}".splitlines()[0], file=sys.stderr)
         return 2
     cfg = json.loads((out / "config.json").read_text())
     shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
