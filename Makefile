@@ -18,7 +18,7 @@ UV_ENV = UV_INDEX_STRATEGY=unsafe-best-match UV_NATIVE_TLS=1 \
   UV_EXTRA_INDEX_URL="$(sort $(PIP_EXTRA_INDEX_URL) $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null))" \
   UV_FIND_LINKS="$(subst $(space),$(comma),$(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)))"
 
-.PHONY: install demo test clean slurm-deps
+.PHONY: install demo test test-gpu gpu-wheels clean slurm-deps
 
 install: $(STAMP)
 
@@ -46,6 +46,20 @@ demo: install
 
 test: install slurm-deps
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The GPU smoke suite (tests/gpu): every CUDA test skips without a GPU, the forced-CPU ones always run. On a
+# lent GPU machine (no venv, no network) tests/gpu/run.sh uses its python3 and the wheels of `make gpu-wheels`.
+test-gpu: $(if $(filter cpu,$(DEVICE)),install)
+	tests/gpu/run.sh $(PYTEST_ARGS)
+
+# Wheels of our pure-Python dependencies that the lent GPU machines lack (Python 3.12, x86-64), into .whl/
+# (git-ignored): carry `.whl` with the device call, then run `make test-gpu` there.
+GPU_WHEELS := megatron-core==0.16.1 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 \
+  typing-inspection==0.4.5
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
 
 # A real SLURM controller for tests/launch/test_slurm.py (Debian packages; no-op when present). Without root
 # apt-get we say so and carry on: that test then skips, naming the missing binary.

@@ -3,13 +3,12 @@
 # copy GB/s) first and again last, then log-prob, grouped GEMM and router, every row as a ratio to the torch
 # reference measured in the same run and to the measured ceiling. Usage (from anywhere):
 #     benchmarks/gpu.sh [OUT_DIR]          # default benchmarks/results/gpu-<date>
-# Needs the package installed with its CUDA extension (`make install` on the GPU machine) for the `cuda`
-# log-prob backend; without it the log-prob rows run naive + triton only. Results: OUT_DIR/*.json,
+# On a lent GPU machine carry .whl (`make gpu-wheels`): gpu_env.sh builds the CUDA extension in place for the
+# `cuda` log-prob backend; without it the log-prob rows run naive + triton only. Results: OUT_DIR/*.json,
 # OUT_DIR/all.json (every row), OUT_DIR/targets.txt (the issue's targets as PASS/MISS), OUT_DIR/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+source benchmarks/gpu_env.sh  # PY: the venv's python, or python3 + carried wheels on a lent GPU machine
 OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 

@@ -10,6 +10,7 @@ import sys
 
 from prism_mcore.config import ConfigError, load_config
 from prism_mcore.data.errors import DataError as _DataError
+from prism_mcore.platform.multiproc import RankUserError
 
 
 def _gpu_budget(cfg, given: float | None) -> float | None:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, _DataError) as e:  # user errors: one line, exit 2
+    except (ConfigError, _DataError, RankUserError) as e:  # user errors (also from ranks): one line
         print(str(e).splitlines()[0], file=sys.stderr)
         return e.exit_code
 

@@ -55,7 +55,7 @@ def losses_and_grads(layout: dict, moe: bool = False, full_weights: dict | None 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from prism_mcore.parallel.shards import local_shards, params_swapped_with_grads
-    from prism_mcore.trainer.megatron_step import wrap_ddp
+    from prism_mcore.trainer.step import wrap_ddp
 
     cfg, model = build(layout, moe, full_weights)
     ddp = wrap_ddp(model, use_distributed_optimizer=False)
@@ -122,7 +122,7 @@ def megatron_feature(feature: str) -> str:
     elif feature in ("moe_ep2_step", "moe_step"):
         losses_and_grads({"ep": 2} if feature == "moe_ep2_step" else {}, moe=True)
     elif feature == "optimizer":
-        from prism_mcore.trainer.megatron_step import build_optimizer, wrap_ddp
+        from prism_mcore.trainer.step import build_optimizer, wrap_ddp
 
         cfg, model = build({}, False, None)
         build_optimizer([wrap_ddp(model)], cfg.optim)
@@ -155,7 +155,7 @@ def train_save_resume(layout: dict, root: str, phase: str, steps: int = 2):
     from megatron.core import parallel_state as ps
 
     from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
-    from prism_mcore.trainer.megatron_step import build_optimizer, train_step, wrap_ddp
+    from prism_mcore.trainer.step import build_optimizer, megatron_step, wrap_ddp
 
     cfg, model = build(layout, False, None, seed=5)
     ddp = wrap_ddp(model)
@@ -164,8 +164,8 @@ def train_save_resume(layout: dict, root: str, phase: str, steps: int = 2):
     batches = microbatches(n=2)[dp_rank::dp]
 
     def step() -> float:
-        res = train_step([ddp], opt, lm_forward_step, batches, len(batches), 16, 2)
-        loss = torch.tensor(sum(d["loss"] for d in res.losses) if res.losses else 0.0)
+        losses, _, _ = megatron_step([ddp], opt, lm_forward_step, batches, len(batches), 16, 2)
+        loss = torch.tensor(sum(float(d["loss"]) for d in losses) if losses else 0.0)
         speaks = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         dist.all_reduce(loss if speaks else loss.zero_())
         return loss.item() / 2

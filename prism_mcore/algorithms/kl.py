@@ -10,21 +10,22 @@ from __future__ import annotations
 import torch
 
 KL_TYPES = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0  # |log pi_ref - log pi| bound before exp (verl low_var_kl)
+K3_VALUE_CLAMP = 10.0  # bound of the k3 value itself
 
 
-def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str = "k3",
-                clamp: float | None = 10.0) -> torch.Tensor:
-    """`clamp` bounds k3 (exp(d) overflows for a far-off token), as verl's low_var_kl does."""
+def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate. k3 is verl's `low_var_kl`: the log-ratio is clamped to
+    +-LOG_RATIO_CLAMP before `exp` (exp(d) overflows for a far-off token), then the value to
+    +-K3_VALUE_CLAMP (one token cannot dominate the loss)."""
     d = ref_log_prob - log_prob
     if kind == "k1":
         return -d
     if kind == "k2":
         return 0.5 * d * d
     if kind == "k3":
-        if clamp is not None:
-            d = d.clamp(-clamp, clamp)
-        kl = torch.exp(d) - d - 1.0
-        return kl.clamp(max=clamp) if clamp is not None else kl
+        d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return (torch.exp(d) - d - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
     raise ValueError(f"unknown kl type {kind!r}; expected one of {KL_TYPES}")
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from prism_mcore.algorithms.aggregation import aggregate, masked_mean
+from prism_mcore.algorithms.aggregation import LossNormalizer
 from prism_mcore.algorithms.kl import kl_estimate
+from prism_mcore.algorithms.presets import ALGORITHM_PRESETS
 
 POLICY_LOSS_MODES = ("vanilla", "gspo")
-
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
@@ -32,17 +32,14 @@ class PolicyLossConfig:
 
     @classmethod
     def preset(cls, algorithm: str, **overrides) -> "PolicyLossConfig":
-        """The original scripts' settings for "grpo", "prism", "dapo" and "gspo"."""
-        presets = {
-            "grpo": cls(),
-            "prism": cls(),
-            "dapo": cls(clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0),
-            "gspo": cls(mode="gspo", clip_low=3e-4, clip_high=4e-4, clip_ratio_c=None,
-                        agg_mode="seq-mean-token-mean", log_ratio_clamp=10.0),
-        }
-        if algorithm not in presets:
-            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {sorted(presets)}")
-        return replace(presets[algorithm], **overrides)
+        """The original scripts' settings for "grpo", "prism", "dapo" and "gspo" (ALGORITHM_PRESETS)."""
+        if algorithm not in ALGORITHM_PRESETS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {sorted(ALGORITHM_PRESETS)}")
+        p = ALGORITHM_PRESETS[algorithm]
+        base = cls(mode="gspo" if algorithm == "gspo" else "vanilla", clip_low=p["clip_ratio_low"],
+                   clip_high=p["clip_ratio_high"], clip_ratio_c=p["clip_ratio_c"], agg_mode=p["loss_agg_mode"],
+                   log_ratio_clamp=10.0 if algorithm == "gspo" else 20.0)
+        return replace(base, **overrides)
 
 
 def _clipped_objective(ratio, advantages, clip_low, clip_high, clip_ratio_c):
@@ -80,11 +77,11 @@ def gspo_token_losses(log_prob, old_log_prob, advantages, response_mask, cfg: Po
     return losses, ratio, flags
 
 
-def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> dict[str, torch.Tensor]:
     r = ratio.detach()
     any_token = mask.any()
     one = torch.ones((), dtype=r.dtype, device=r.device)
-    return {"ratio_mean": masked_mean(r, mask),
+    return {"ratio_mean": norm.token_share(r, mask),
             "ratio_min": torch.where(any_token, torch.where(mask, r, torch.full_like(r, float("inf"))).min(), one),
             "ratio_max": torch.where(any_token, torch.where(mask, r, torch.full_like(r, float("-inf"))).max(), one)}
 
@@ -92,12 +89,19 @@ def _ratio_stats(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Ten
 def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor | None, advantages: torch.Tensor,
                 response_mask: torch.Tensor, cfg: PolicyLossConfig = PolicyLossConfig(), *,
                 rollout_log_prob: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None, num_tokens=None, num_seqs=None,
-                norm_length: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                entropy: torch.Tensor | None = None,
+                norm: LossNormalizer | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + kl_coef * KL(pi || pi_ref) - entropy_coef * H, each aggregated with
     `cfg.agg_mode`. `old_log_prob=None` means on-policy (old = sg[log pi], ratio exactly 1).
-    `num_tokens` / `num_seqs` / `norm_length`: see `aggregation.aggregate`."""
+
+    `norm` carries the global counts of a batch split into micro-batches (see `aggregation.LossNormalizer`);
+    without it this batch is the whole batch. Metrics are this batch's shares of the global token means
+    (they add up over micro-batches), except `*_min` / `*_max`."""
     mask = response_mask.to(torch.bool)
+    if norm is None:
+        norm = LossNormalizer.local(mask, cfg.agg_mode)
+    if norm.mode != cfg.agg_mode:
+        raise ValueError(f"normaliser mode {norm.mode!r} differs from the loss's agg_mode {cfg.agg_mode!r}")
     if old_log_prob is None:
         old_log_prob = log_prob.detach()
     if cfg.mode == "vanilla":
@@ -112,39 +116,36 @@ def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor | None, advan
         # Rollout engine and trainer disagree (kernels, precision); correct with a truncated
         # importance weight pi_old / pi_rollout on the samples the engine actually drew.
         d = (old_log_prob - rollout_log_prob).detach()
-        metrics["mismatch_kl"] = masked_mean(torch.exp(d) - d - 1.0, mask)
-        metrics["mismatch_kl_k1"] = masked_mean(-d, mask)
+        metrics["mismatch_kl"] = norm.token_share(torch.exp(d) - d - 1.0, mask)
+        metrics["mismatch_kl_k1"] = norm.token_share(-d, mask)
         if cfg.tis_cap is not None:
             weight = torch.exp(d.clamp(max=cfg.log_ratio_clamp)).clamp(max=cfg.tis_cap)
             losses = losses * weight
-            metrics["tis_weight_mean"] = masked_mean(weight, mask)
-            metrics["tis_clip_frac"] = masked_mean((weight >= cfg.tis_cap).to(weight.dtype), mask)
+            metrics["tis_weight_mean"] = norm.token_share(weight, mask)
+            metrics["tis_clip_frac"] = norm.token_share((weight >= cfg.tis_cap).to(weight.dtype), mask)
     elif cfg.tis_cap is not None:
         raise ValueError("tis_cap is set but no rollout_log_prob was given")
 
-    agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    pg_loss = aggregate(losses, mask, cfg.agg_mode, **agg)
-    loss = pg_loss
+    loss = norm.loss(losses, mask)
+    metrics["pg_loss"] = norm.share(losses, mask).detach()
     if cfg.kl_coef:
         if ref_log_prob is None:
             raise ValueError("kl_coef > 0 needs ref_log_prob")
-        kl_loss = aggregate(kl_estimate(log_prob, ref_log_prob, cfg.kl_type), mask, cfg.agg_mode, **agg)
-        loss = loss + cfg.kl_coef * kl_loss
-        metrics["kl_loss"] = kl_loss.detach()
+        kl = kl_estimate(log_prob, ref_log_prob, cfg.kl_type)
+        loss = loss + cfg.kl_coef * norm.loss(kl, mask)
+        metrics["kl_loss"] = norm.share(kl, mask).detach()
     if cfg.entropy_coef:
         if entropy is None:
             raise ValueError("entropy_coef != 0 needs entropy")
-        ent = aggregate(entropy, mask, cfg.agg_mode, **agg)
-        loss = loss - cfg.entropy_coef * ent
-        metrics["entropy"] = ent.detach()
+        loss = loss - cfg.entropy_coef * norm.loss(entropy, mask)
+        metrics["entropy"] = norm.share(entropy, mask).detach()
 
     fdt = losses.dtype
     any_clip = torch.zeros_like(mask)
     for name, flag in flags.items():
-        metrics[name] = masked_mean(flag.to(fdt), mask)
+        metrics[name] = norm.token_share(flag.to(fdt), mask)
         any_clip = any_clip | flag
-    metrics["clip_frac"] = masked_mean(any_clip.to(fdt), mask)
-    metrics["approx_kl"] = masked_mean((old_log_prob - log_prob).detach(), mask)
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics.update(_ratio_stats(ratio, mask))
+    metrics["clip_frac"] = norm.token_share(any_clip.to(fdt), mask)
+    metrics["approx_kl"] = norm.token_share((old_log_prob - log_prob).detach(), mask)
+    metrics.update(_ratio_stats(ratio, mask, norm))
     return loss, metrics

@@ -26,15 +26,59 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root, or None."""
+    """The newest complete, loadable checkpoint under root, or None (see `newest_loadable`)."""
+    return newest_loadable(root)[0]
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the step directory `path` cannot be loaded, or None: its metadata must parse, and every shard
+    file must hold the bytes its index says (a copy or save cut short leaves a truncated .distcp)."""
+    try:
+        meta = json.loads((path / META).read_text())
+        int(meta["step"])
+    except FileNotFoundError:
+        return f"no {META} (a save that never finished)"
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{META} is not valid checkpoint metadata"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any unreadable index means the same thing here
+        return f"its shard index (.metadata) cannot be read ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        size = (path / name).stat().st_size if (path / name).exists() else -1
+        if size < end:
+            return f"{name} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}"
+    return None
+
+
+def newest_loadable(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest step directory under root that passes `checkpoint_problem`, [(newer ones skipped, why)]).
+    The `latest` pointer only names the newest save; a corrupt pointer is reported and otherwise ignored."""
     root = Path(root)
+    skipped: list[tuple[Path, str]] = []
     pointer = root / "latest"
     if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / META).exists():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
-    return complete[-1] if complete else None
+        named = pointer.read_text(errors="replace").strip()
+        if not (named.startswith("step_") and (root / named).is_dir()):
+            skipped.append((pointer, f"does not name a checkpoint ({named[:40]!r})"))
+    for path in sorted(root.glob("step_*"), key=_step_of, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def _layout() -> dict[str, int]:
@@ -102,7 +146,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     leaves a loadable checkpoint."""
     root = Path(root)
     newest = latest_checkpoint(root)
-    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
+    complete = sorted((p for p in root.glob("step_*") if (p / META).exists()), key=_step_of)
     stale = [p for p in complete[:-keep] if p != newest] if keep > 0 else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticUndefined
+
+
+def live(default: Any = PydanticUndefined, read_by: str = "", *, default_factory=None, **constraints):
+    """A config field and the module (a path under prism_mcore/) whose code reads it. The name is the field's
+    documentation of where it takes effect, and tests/test_config_liveness.py checks that module reads the field:
+    a setting either changes what runs or does not exist."""
+    extra = {"read_by": read_by}
+    if default_factory is not None:
+        return Field(default_factory=default_factory, json_schema_extra=extra, **constraints)
+    return Field(default, json_schema_extra=extra, **constraints)
 
 
 class _Section(BaseModel):
@@ -37,29 +48,32 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """A Qwen3 / Qwen3-MoE architecture, either read from `hf_path` or written inline."""
 
-    hf_path: str | None = Field(None, description="HF checkpoint dir; its config.json overrides the fields below")
-    vocab_size: int = Field(151936, gt=0)
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: int = Field(2, gt=0)
-    head_dim: int = Field(16, gt=0)
-    rope_theta: float = Field(1_000_000.0, gt=0)
-    rms_norm_eps: float = Field(1e-6, gt=0)
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = Field(4096, gt=0)
+    hf_path: str | None = live(None, "trainer/run.py", description="HF checkpoint dir; its config.json overrides "
+                               "the fields below")
+    vocab_size: int = live(151936, "models/qwen3/model.py", gt=0)
+    hidden_size: int = live(64, "models/qwen3/model.py", gt=0)
+    intermediate_size: int = live(128, "models/qwen3/model.py", gt=0)
+    num_hidden_layers: int = live(2, "models/qwen3/model.py", gt=0)
+    num_attention_heads: int = live(4, "models/qwen3/model.py", gt=0)
+    num_key_value_heads: int = live(2, "models/qwen3/model.py", gt=0)
+    head_dim: int = live(16, "models/qwen3/model.py", gt=0)
+    rope_theta: float = live(1_000_000.0, "models/qwen3/model.py", gt=0)
+    rms_norm_eps: float = live(1e-6, "models/qwen3/model.py", gt=0)
+    tie_word_embeddings: bool = live(True, "models/qwen3/model.py")
+    max_position_embeddings: int = live(4096, "models/qwen3/model.py", gt=0)
     # Mixture of experts (Qwen3-MoE); num_experts == 0 means dense.
-    num_experts: int = Field(0, ge=0)
-    num_experts_per_tok: int = Field(2, gt=0)
-    moe_intermediate_size: int | None = Field(None, gt=0)
-    norm_topk_prob: bool = True
-    router_aux_loss_coef: float = Field(0.001, ge=0)
-    moe_expert_backend: Literal["sequential", "grouped"] = Field(
-        "sequential", description="MoE expert MLP: Megatron's SequentialMLP (one GEMM per expert) or our grouped "
-        "GEMM over all local experts (prism_mcore/models/qwen3/grouped_experts.py); same weights and checkpoints")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    megatron: dict[str, Any] = Field(default_factory=dict, description="extra TransformerConfig kwargs")
+    num_experts: int = live(0, "models/qwen3/model.py", ge=0)
+    num_experts_per_tok: int = live(2, "models/qwen3/model.py", gt=0)
+    moe_intermediate_size: int | None = live(None, "models/qwen3/model.py", gt=0)
+    norm_topk_prob: bool = live(True, "models/qwen3/model.py")
+    router_aux_loss_coef: float = live(0.001, "models/qwen3/model.py", ge=0)
+    moe_expert_backend: Literal["sequential", "grouped"] = live(
+        "sequential", "models/qwen3/model.py", description="MoE expert MLP: Megatron's SequentialMLP (one GEMM per "
+        "expert) or our grouped GEMM over all local experts (models/qwen3/grouped_experts.py); same weights and "
+        "checkpoints")
+    dtype: Literal["float32", "bfloat16", "float16"] = live("float32", "models/qwen3/model.py")
+    megatron: dict[str, Any] = live(default_factory=dict, read_by="models/qwen3/model.py",
+                                    description="extra TransformerConfig kwargs")
 
     @property
     def is_moe(self) -> bool:
@@ -67,14 +81,16 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    tp: int = Field(1, ge=1, description="tensor parallel size")
-    pp: int = Field(1, ge=1, description="pipeline parallel size")
-    cp: int = Field(1, ge=1, description="context parallel size")
-    ep: int = Field(1, ge=1, description="expert parallel size")
-    dp: int | None = Field(None, ge=1, description="data parallel size; derived from world_size when unset")
-    world_size: int | None = Field(None, ge=1, description="number of ranks; taken from the launcher when unset")
-    sequence_parallel: bool = False
-    num_microbatches: int = Field(1, ge=1)
+    tp: int = live(1, "parallel/layout.py", ge=1, description="tensor parallel size")
+    pp: int = live(1, "parallel/layout.py", ge=1, description="pipeline parallel size")
+    cp: int = live(1, "parallel/layout.py", ge=1, description="context parallel size (refused above 1 until a "
+                   "stage splits sequences)")
+    ep: int = live(1, "parallel/layout.py", ge=1, description="expert parallel size")
+    dp: int | None = live(None, "trainer/train.py", ge=1, description="data parallel size; derived from world_size "
+                          "when unset")
+    world_size: int | None = live(None, "trainer/train.py", ge=1, description="number of ranks; taken from the "
+                                  "launcher when unset")
+    sequence_parallel: bool = live(False, "models/qwen3/model.py")
 
     def resolved_dp(self, world_size: int | None = None) -> int:
         ws = world_size or self.world_size
@@ -86,47 +102,48 @@ class ParallelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    use_distributed_optimizer: bool = True
+    lr: float = live(1e-6, "trainer/step.py", gt=0)
+    min_lr: float = live(0.0, "trainer/step.py", ge=0)
+    weight_decay: float = live(0.01, "trainer/step.py", ge=0)
+    adam_beta1: float = live(0.9, "trainer/step.py", ge=0, lt=1)
+    adam_beta2: float = live(0.999, "trainer/step.py", ge=0, lt=1)
+    adam_eps: float = live(1e-8, "trainer/step.py", gt=0)
+    clip_grad: float = live(1.0, "trainer/step.py", ge=0, description="global grad-norm clip; 0 disables")
+    schedule: Literal["constant", "cosine"] = live("constant", "trainer/step.py")
+    warmup_steps: int = live(0, "trainer/step.py", ge=0)
+    use_distributed_optimizer: bool = live(True, "trainer/step.py")
 
 
 class DataConfig(_Section):
-    train_files: list[str] = Field(default_factory=list)
-    val_files: list[str] = Field(default_factory=list)
-    max_prompt_length: int = Field(512, gt=0)
-    max_response_length: int = Field(512, gt=0)
-    micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one micro-batch")
-    global_batch_size: int = Field(4, gt=0, description="prompts (RL) or sequences (SFT) per step")
-    seed: int = 0
+    train_files: list[str] = live(default_factory=list, read_by="trainer/train.py")
+    val_files: list[str] = live(default_factory=list, read_by="trainer/engines.py")
+    max_prompt_length: int = live(512, "data/rl_dataset.py", gt=0)
+    max_response_length: int = live(512, "trainer/sft.py", gt=0)
+    micro_batch_tokens: int = live(4096, "trainer/sft.py", gt=0, description="token budget of one micro-batch "
+                                   "(rows x padded length)")
+    global_batch_size: int = live(4, "trainer/sft.py", gt=0, description="prompts (RL) or sequences (SFT) per step")
+    seed: int = live(0, "trainer/sft.py")
 
 
 class RolloutConfig(_Section):
-    engine: Literal["vllm"] = "vllm"
-    num_engines: int = Field(1, ge=1)
-    engine_tp: int = Field(1, ge=1)
-    mode: Literal["colocated", "disaggregated"] = "colocated"
-    n: int = Field(4, ge=1, description="rollouts per prompt (group size)")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(256, gt=0)
-    weight_bucket_mb: int = Field(512, gt=0)
-    timeout_s: float = Field(600.0, gt=0)
-    transport: Literal["auto", "shm", "ray", "torch_distributed"] = Field(
-        "auto", description="weight-sync transport: auto (shm when every engine is on the sender's node, else ray), "
-                            "shm, ray (object store), torch_distributed (engines join a gloo/nccl group per sender)")
-    zero_copy: bool = Field(False, description="send tensors that are views of the trainer's parameters as references "
-                                               "into shared memory (same node; shm transport)")
-    probe_every: int = Field(0, ge=0, description="run the post-sync log-prob probe on versions divisible by N; 0 = off")
-    max_staleness: int = Field(0, ge=0, description="0 = strictly on-policy; N > 0 = async mode, rollouts may come "
-                                                    "from weights up to N versions older than the policy")
+    num_engines: int = live(1, "rollout/engine_pool.py", ge=1)
+    engine_tp: int = live(1, "rollout/engine_pool.py", ge=1)
+    mode: Literal["colocated", "disaggregated"] = live("colocated", "rollout/engine_pool.py")
+    n: int = live(4, "trainer/engines.py", ge=1, description="rollouts per prompt (group size)")
+    temperature: float = live(1.0, "rollout/engine.py", ge=0)
+    top_p: float = live(1.0, "rollout/engine.py", gt=0, le=1)
+    max_tokens: int = live(256, "rollout/engine.py", gt=0)
+    weight_bucket_mb: int = live(512, "rollout/weight_sync.py", gt=0)
+    timeout_s: float = live(600.0, "rollout/weight_sync.py", gt=0)
+    transport: Literal["auto", "shm", "ray", "torch_distributed"] = live(
+        "auto", "rollout/weight_sync.py", description="weight-sync transport: auto (shm when every engine is on the "
+        "sender's node, else ray), shm, ray (object store), torch_distributed (engines join a gloo/nccl group per "
+        "sender)")
+    zero_copy: bool = live(False, "rollout/weight_sync.py", description="send tensors that are views of the "
+                           "trainer's parameters as references into shared memory (same node; shm transport)")
+    probe_every: int = live(0, "trainer/engines.py", ge=0, description="after every N-th weight sync the engines "
+                            "score a fixed probe batch and must match the trainer's log-probs (fails the run "
+                            "otherwise); 0 = off")
 
     @model_validator(mode="after")
     def _check_transport(self) -> "RolloutConfig":
@@ -137,53 +154,78 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "dapo", "gspo", "prism"] = "grpo"
-    clip_ratio_low: float = Field(0.2, ge=0)
-    clip_ratio_high: float = Field(0.2, ge=0)
-    clip_ratio_c: float | None = Field(3.0, gt=1, description="dual-clip bound for negative advantages; null disables")
+    """Fields left unset take the preset of `name` (algorithms/presets.py), filled in at
+    validation, so what `prism validate` shows is what runs."""
+
+    name: Literal["grpo", "dapo", "gspo", "prism"] = live("grpo", "trainer/policy_update.py")
+    clip_ratio_low: float = live(0.2, "trainer/policy_update.py", ge=0)
+    clip_ratio_high: float = live(0.2, "trainer/policy_update.py", ge=0)
+    clip_ratio_c: float | None = live(3.0, "trainer/policy_update.py", gt=1, description="dual-clip bound for "
+                                      "negative advantages; null disables")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
-        "token-mean"
-    )
+        live("token-mean", "trainer/policy_update.py"))
+    ppo_mini_batch_size: int | None = live(
+        None, "trainer/policy_update.py", gt=0, description="prompts per policy update (each with its rollout.n "
+        "samples, as verl counts it); the step's batch is cut into global_batch_size / ppo_mini_batch_size "
+        "updates; unset = one update on the whole batch (the paper's setting)")
+    ppo_epochs: int = live(1, "trainer/policy_update.py", ge=1, description="passes over the step's mini-batches")
+    tis_cap: float | None = live(None, "trainer/policy_update.py", gt=0, description="truncated importance "
+                                 "sampling: weight each token's loss by min(pi_old / pi_rollout, tis_cap); unset = off")
     # PRISM alignment (spec section 3): A = a * A_perception + (1 - a) * A_reasoning - format_penalty * (1 - F)
-    caption_weight: float = Field(0.5, ge=0, le=1, description="alpha: weight of the perception advantage")
-    format_penalty: float = Field(1.5, ge=0, description="lambda_fmt, subtracted from malformed rollouts")
-    gate_by_format: bool = Field(False, description="multiply the alignment term by F (the paper's docstring form)")
-    score_clip: float = Field(10.0, gt=0, description="discriminator scores are clipped to +-score_clip")
-    score_clip_mode: Literal["hard", "tanh", "none"] = "hard"
-    score_reg_coef: float = Field(1e-3, ge=0, description="weight of the mean squared score in the D loss")
-    # DAPO (spec section 4.3); None = on for algorithm.name=dapo, off otherwise
-    dynamic_sampling: bool | None = Field(None, description="keep only prompt groups whose accuracy varies")
-    gen_batch_size: int | None = Field(None, gt=0, description="prompts per generation batch; default 3x the "
-                                       "global batch with dynamic sampling (the original's 96 for 32)")
-    max_gen_batches: int = Field(10, ge=0, description="generation batches per step before training on what "
-                                 "was kept (0 = unlimited)")
-    overlong_buffer: int | None = Field(None, ge=0, description="tokens before rollout.max_tokens where the "
-                                        "overlong penalty starts; None = max_tokens/2 for dapo, 0 = off")
-    overlong_penalty_factor: float = Field(1.0, ge=0)
+    caption_weight: float = live(0.5, "trainer/align.py", ge=0, le=1, description="alpha: weight of the "
+                                 "perception advantage")
+    format_penalty: float = live(1.5, "trainer/align.py", ge=0, description="lambda_fmt, subtracted from "
+                                 "malformed rollouts")
+    gate_by_format: bool = live(False, "trainer/align.py", description="multiply the alignment term by F (the "
+                                "paper's docstring form)")
+    score_clip: float = live(10.0, "trainer/align.py", gt=0, description="discriminator scores are clipped to "
+                             "+-score_clip")
+    score_clip_mode: Literal["hard", "tanh", "none"] = live("hard", "trainer/align.py")
+    score_reg_coef: float = live(1e-3, "trainer/disc_update.py", ge=0, description="weight of the mean squared "
+                                 "score in the D loss")
+    # DAPO (spec section 4.3); unset = the preset (on for dapo)
+    dynamic_sampling: bool = live(False, "trainer/rl.py", description="keep only prompt groups whose accuracy "
+                                  "varies")
+    gen_batch_size: int | None = live(None, "trainer/rl.py", gt=0, description="prompts per generation batch; "
+                                      "default 3x the global batch with dynamic sampling (the original's 96 for 32)")
+    max_gen_batches: int = live(10, "trainer/rl.py", ge=0, description="generation batches per step before "
+                                "training on what was kept (0 = unlimited)")
+    overlong_buffer: int | None = live(None, "trainer/rl.py", ge=0, description="tokens before rollout.max_tokens "
+                                       "where the overlong penalty starts; unset = max_tokens/2 for dapo, 0 = off")
+    overlong_penalty_factor: float = live(1.0, "trainer/rl.py", ge=0)
 
-    def dynamic_sampling_on(self) -> bool:
-        return self.name == "dapo" if self.dynamic_sampling is None else self.dynamic_sampling
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from prism_mcore.algorithms.presets import ALGORITHM_PRESETS
 
-    def overlong_buffer_tokens(self, max_tokens: int) -> int:
-        if self.overlong_buffer is None:
-            return max_tokens // 2 if self.name == "dapo" else 0
-        return self.overlong_buffer
+        name = data.get("name", "grpo")
+        return {**ALGORITHM_PRESETS.get(name, {}), **{k: v for k, v in data.items()}}
 
 
 class TrainerConfig(_Section):
-    stage: Literal["demo", "sft", "disc-warmup", "align", "rl"] = "demo"
-    steps: int = Field(10, ge=1)
-    seed: int = 1234
-    output_dir: str = "outputs/run"
-    save_interval: int = Field(0, ge=0, description="checkpoint every N steps; 0 disables")
-    keep_checkpoints: int = Field(0, ge=0, description="after each save keep only the N newest checkpoints "
-                                  "(each holds the optimizer state: ~16 bytes per parameter); 0 keeps all")
-    log_interval: int = Field(1, ge=1)
-    export_hf: bool = Field(True, description="write the trained model as an HF checkpoint to OUTPUT_DIR/hf")
-    eval_interval: int = Field(0, ge=0, description="greedy accuracy/format on data.val_files every N steps, "
-                               "at the start and at the end (rollout stages); 0 = only start and end")
-    eval_max_prompts: int = Field(64, gt=0, description="held-out prompts per evaluation")
-    eval_at_start: bool = Field(True, description="evaluate the starting weights before the first step")
+    stage: Literal["demo", "sft", "disc-warmup", "align", "rl"] = live("demo", "trainer/train.py")
+    steps: int = live(10, "trainer/run.py", ge=1)
+    seed: int = live(1234, "trainer/engines.py")
+    output_dir: str = live("outputs/run", "trainer/run.py")
+    save_interval: int = live(0, "trainer/run.py", ge=0, description="checkpoint every N steps; 0 disables")
+    keep_checkpoints: int = live(0, "trainer/run.py", ge=0, description="after each save keep only the N newest "
+                                 "checkpoints (each holds the optimizer state: ~16 bytes per parameter); 0 keeps all")
+    max_bad_steps: int = live(3, "trainer/run.py", ge=1, description="a step whose loss or gradient norm is not "
+                              "finite applies no update; after this many in a row the run stops (exit 1) and its "
+                              "last good checkpoint stays as it was")
+    log_interval: int = live(1, "trainer/run.py", ge=1, description="write metrics (JSONL, TensorBoard) every N "
+                             "steps and at the last step")
+    export_hf: bool = live(True, "trainer/sft.py", description="write the trained model as an HF checkpoint to "
+                           "OUTPUT_DIR/hf")
+    eval_interval: int = live(0, "trainer/engines.py", ge=0, description="greedy accuracy/format on "
+                              "data.val_files every N steps, at the start and at the end (rollout stages); 0 = only "
+                              "start and end")
+    eval_max_prompts: int = live(64, "trainer/engines.py", gt=0, description="held-out prompts per evaluation")
+    eval_at_start: bool = live(True, "trainer/rl.py", description="evaluate the starting weights before the "
+                               "first step")
 
 
 class DiscriminatorConfig(_Section):
@@ -194,9 +236,9 @@ class DiscriminatorConfig(_Section):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(num_experts=4, num_experts_per_tok=2))
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    head_dropout: float = Field(0.1, ge=0, lt=1)
-    aux_loss_coef: float = Field(0.0, ge=0, description="MoE load-balancing loss weight during align (the "
-                                 "original uses none in this stage; warm-up uses model.router_aux_loss_coef)")
+    head_dropout: float = live(0.1, "trainer/align.py", ge=0, lt=1)
+    aux_loss_coef: float = live(0.0, "trainer/align.py", ge=0, description="MoE load-balancing loss weight during "
+                                "align (the original uses none in this stage; warm-up uses model.router_aux_loss_coef)")
 
 
 class PrismConfig(_Section):
@@ -211,6 +253,10 @@ class PrismConfig(_Section):
 
     @model_validator(mode="after")
     def _check_layout(self) -> "PrismConfig":
+        a = self.algorithm
+        if a.overlong_buffer is None:  # unset: max_tokens / 2 for dapo (the original's 4096 of 8192), else 0
+            # object.__setattr__: plain assignment would re-run validation (validate_assignment)
+            object.__setattr__(a, "overlong_buffer", self.rollout.max_tokens // 2 if a.name == "dapo" else 0)
         for problem in layout_problems(self):
             raise ValueError(problem)
         return self
@@ -232,11 +278,16 @@ def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str
                    f"(KV groups are split across tensor-parallel ranks)")
     if m.num_hidden_layers % p.pp:
         out.append(f"parallel.pp={p.pp} must divide model.num_hidden_layers={m.num_hidden_layers}")
+    if p.cp > 1:
+        out.append(f"parallel.cp={p.cp}: context parallelism is not implemented by any stage yet (use parallel.cp=1)")
     if p.sequence_parallel and p.tp == 1:
         out.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if m.is_moe:
         if m.num_experts % p.ep:
             out.append(f"parallel.ep={p.ep} must divide model.num_experts={m.num_experts}")
+        if m.num_experts_per_tok == 1 and m.norm_topk_prob:
+            out.append("model.num_experts_per_tok=1 needs model.norm_topk_prob=false (renormalising one expert's "
+                       "weight always gives 1; Megatron refuses it)")
         if m.num_experts_per_tok > m.num_experts:
             out.append(f"model.num_experts_per_tok={m.num_experts_per_tok} must be <= "
                        f"model.num_experts={m.num_experts}")

@@ -17,8 +17,15 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def backend_for(cuda: bool) -> str:
+    """gloo on CPU machines; on GPU machines one group with both backends: tensors on the GPU go through
+    NCCL, CPU tensors (object collectives, the trainer's small counts and metrics) through gloo."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
-    """Join the default process group (gloo on CPU, nccl on GPU); a no-op when already joined."""
+    """Join the default process group (see `backend_for`) on this rank's device (LOCAL_RANK); a no-op when
+    already joined."""
     if dist.is_initialized():
         return
     _env_from_slurm()
@@ -27,11 +34,10 @@ def init_distributed(timeout_s: float | None = None) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("PRISM_DIST_TIMEOUT_S", 600)))
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl", timeout=timeout)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+    dist.init_process_group(backend_for(cuda), timeout=timeout)
 
 
 def destroy_distributed() -> None:

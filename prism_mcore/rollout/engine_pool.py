@@ -5,7 +5,7 @@
   A restarted engine comes back with its checkpoint weights (version 0) and is left out until the next
   sync reaches it.
 * A step samples only from engines at the requested version (default: the newest one seen); async
-  (off-policy) rollouts opt in with `rollout.max_staleness` (engines up to N versions behind are used;
+  (off-policy) rollouts opt in with the pool's `max_staleness` (engines up to N versions behind are used;
   every result is checked, `check_staleness`, and a violation names the engine and the versions).
 * Every wait has a deadline (`RolloutConfig.timeout_s`); a timeout names the engine and the step.
 * Placement: one placement group with bundles for the trainer ranks and the engines. Colocated: engines
@@ -171,8 +171,10 @@ class PoolStats:
 class EnginePool:
     def __init__(self, model_path: str, rollout, engine_kwargs: dict[str, Any] | None = None,
                  placement: Placement | None = None, namespace: str = "prism", name_prefix: str = "prism-engine",
-                 max_restarts: int = 3, engine_cls: str = DEFAULT_ENGINE):
-        self.model_path, self.rollout = model_path, rollout
+                 max_restarts: int = 3, engine_cls: str = DEFAULT_ENGINE, max_staleness: int = 0):
+        """`max_staleness`: the default window of `generate` (0 = strictly on-policy; an asynchronous trainer
+        that samples ahead of its updates passes how many versions it lags)."""
+        self.model_path, self.rollout, self.max_staleness = model_path, rollout, max_staleness
         self.engine_kwargs = dict(engine_kwargs or {}, model_path=model_path,
                                   tensor_parallel_size=rollout.engine_tp)
         self.placement, self.namespace = placement, namespace
@@ -273,12 +275,12 @@ class EnginePool:
                  version: int | None = None, max_staleness: int | None = None) -> list[GenerationResult]:
         """Completions for every prompt, in order, sampled from weights of `version` (default: the newest
         version on any engine; async trainers pass their policy's version), or up to `max_staleness`
-        (default `rollout.max_staleness`) versions older in async mode. Engines outside that window are not
+        (default: the pool's `max_staleness`) versions older in async mode. Engines outside that window are not
         asked; every result is checked again (`check_staleness`), and a result from outside the window (an
         engine restarted mid-call) is re-issued to another engine, or raises StaleWeightsError naming the
         engine and the versions when no engine inside the window is left."""
         t0 = time.monotonic()
-        max_staleness = getattr(self.rollout, "max_staleness", 0) if max_staleness is None else max_staleness
+        max_staleness = self.max_staleness if max_staleness is None else max_staleness
         healths = self.health(timeout_s=5.0)  # a restarting engine cannot answer; it is not usable anyway
         want = self.version if version is None else version
         usable = [i for i, h in enumerate(healths)

@@ -61,8 +61,9 @@ def run_align(cfg: PrismConfig) -> dict:
     from prism_mcore.models.discriminator import build_discriminator
     from prism_mcore.trainer.disc_update import score_groups, update_discriminator
     from prism_mcore.trainer.engines import Rollouts, held_out, should_eval
-    from prism_mcore.trainer.policy_update import sequences, update_policy
-    from prism_mcore.trainer.run import StageRun, build_policy, export_hf, load_hf_weights, trainable
+    from prism_mcore.trainer.policy_update import rollout_batch, update_policy
+    from prism_mcore.trainer.run import StageRun, build_policy, export_hf, load_hf_weights
+    from prism_mcore.trainer.step import StepRunner, trainable
 
     tok = qwen3_tokenizer()
     data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length, require_teacher=True)
@@ -78,13 +79,14 @@ def run_align(cfg: PrismConfig) -> dict:
     run = StageRun(cfg, {"policy.": policy, "discriminator.": disc})
     if run.resumed and run.resumed.get("data"):
         data.load_state_dict(run.resumed["data"])
-    engines = Rollouts(cfg, tok, cfg.model.hf_path)
+    runner = StepRunner(cfg.data.micro_batch_tokens, tok.pad_token_id)
+    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_rows=[e.prompt_ids for e in data.examples[:2]])
     a, n = cfg.algorithm, cfg.rollout.n
     batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
     try:
         if run.start:
-            engines.sync(policy.net, run.start)
+            engines.sync(policy, run.start)
         if val and run.start == 0 and cfg.trainer.eval_at_start:
             run.log(0, engines.evaluate(val, step=-1))
         for step in run.steps():
@@ -101,9 +103,9 @@ def run_align(cfg: PrismConfig) -> dict:
                 s_p.reshape(-1), s_r.reshape(-1), valid.reshape(-1), consecutive_groups(valid.numel(), n),
                 alpha=a.caption_weight, format_penalty=a.format_penalty, gate_by_format=a.gate_by_format)
             d_stats = update_discriminator(disc, cfg, inputs, valid, tok.pad_token_id, step)
-            batch = sequences([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
-            result, mismatch = update_policy(policy, cfg, batch, advantages, step)
-            sync = engines.sync(policy.net, step + 1)
+            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
+            update = update_policy(policy, cfg, batch, advantages, step, runner)
+            sync = engines.sync(policy, step + 1)
             flat = [r for group in rollouts for r in group]
             v = valid.float()
             gap_p = float(((t_p[:, None] - s_p) * v).sum() / v.sum().clamp(min=1))
@@ -112,17 +114,18 @@ def run_align(cfg: PrismConfig) -> dict:
                     "teacher_score": float((t_p + t_r).mean() / 2), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat),
                     "response_len": sum(len(r.token_ids) for r in flat) / len(flat),
-                    "grad_norm": result.grad_norm, "mismatch_kl": mismatch, "sync_s": sync.seconds,
-                    "skipped_rows": sum(data.skipped.values()), **d_stats,
+                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **update, **d_stats,
                     **{k: float(x) for k, x in adv_stats.items()}}
             if val and should_eval(cfg, step + 1):
                 last.update(engines.evaluate(val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict(), "discriminator": d_cfg.model.model_dump()},
-                         f"gap {last['score_gap']:+.2f} d_loss {last['d_loss']:.3f} acc {last['accuracy']:.2f}")
+                         f"gap {last['score_gap']:+.2f} d_loss {last['d_loss']:.3f} acc {last['accuracy']:.2f}",
+                         bad=update["nonfinite_updates"] > 0 or bool(d_stats["d_nonfinite"]))
     finally:
         run.close()
         engines.close()
     if cfg.trainer.export_hf:
         export_hf(policy.net, cfg, f"{cfg.trainer.output_dir}/hf")
         export_hf(disc_net, d_cfg, f"{cfg.trainer.output_dir}/discriminator_hf", kind="discriminator")
+    run.finished(["hf", "discriminator_hf"] if cfg.trainer.export_hf else [])
     return last

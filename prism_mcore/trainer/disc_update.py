@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from prism_mcore.config import PrismConfig
 
@@ -32,204 +31,136 @@ class GroupInputs:
         return self.captions[lo:hi] + self.reasonings[lo:hi] + [self.teacher_caption, self.teacher_reasoning]
 
 
-@dataclass(frozen=True)
-class Piece:
-    group: int
-    lo: int
-    hi: int
-
-    @property
-    def size(self) -> int:
-        return self.hi - self.lo
+# Row roles in an alignment batch (0 is padding: Batch.pad_to fills extras with 0).
+STUDENT_CAPTION, STUDENT_REASONING, TEACHER_CAPTION, TEACHER_REASONING = 1, 2, 3, 4
 
 
-def _cost(inputs: list[GroupInputs], piece: Piece) -> tuple[int, int]:
-    rows = inputs[piece.group].rows(piece.lo, piece.hi)
-    return len(rows), max(map(len, rows))
+def _padded_size(rows: list[list[int]]) -> int:
+    return len(rows) * max(map(len, rows))
 
 
-def _padded(cost: tuple[int, int]) -> int:
-    return cost[0] * cost[1]
-
-
-def _pieces(groups: list[int], inputs: list[GroupInputs], token_budget: int) -> list[list[Piece]]:
-    """Micro-batches of pieces, each micro-batch's padded rows x length within `token_budget` when
-    possible (a single rollout with its teacher is the smallest piece)."""
-    pieces = []
-    for g in groups:
-        n, lo = len(inputs[g].captions), 0
-        while lo < n:
-            hi = lo + 1
-            while hi < n and _padded(_cost(inputs, Piece(g, lo, hi + 1))) <= token_budget:
-                hi += 1
-            pieces.append(Piece(g, lo, hi))
-            lo = hi
-    out, current, rows, length = [], [], 0, 0
-    for piece in pieces:
-        p_rows, p_len = _cost(inputs, piece)
-        if current and (rows + p_rows) * max(length, p_len) > token_budget:
-            out.append(current)
-            current, rows, length = [], 0, 0
-        current.append(piece)
-        rows, length = rows + p_rows, max(length, p_len)
-    return out + ([current] if current else [])
-
-
-def _collate(rows: list[list[int]], pad_id: int, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded [rows, length] with a 0/1 mask; `shape` pads further (pipeline stages exchange
-    fixed-shape activations, so with PP > 1 every micro-batch has the step's largest shape)."""
-    num, length = shape or (len(rows), max(map(len, rows)))
-    tokens = torch.full((num, length), pad_id, dtype=torch.long)
-    mask = torch.zeros(num, length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"tokens": tokens, "attention_mask": mask}
-
-
-def _batches(inputs: list[GroupInputs], groups: list[int], pad_id: int, token_budget: int,
-             valid: torch.Tensor | None = None) -> list[dict]:
-    """This DP rank's micro-batches: collated rows, their `pieces`, and (training) the pieces' validity."""
-    from megatron.core import parallel_state as ps
-
-    micro = _pieces(groups, inputs, token_budget)
-    rows = [[r for p in m for r in inputs[p.group].rows(p.lo, p.hi)] for m in micro]
-    shape = None
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        size = torch.tensor([max(map(len, rows), default=1), max((len(r) for rs in rows for r in rs), default=1)])
-        dist.all_reduce(size, op=dist.ReduceOp.MAX)
-        shape = (int(size[0]), int(size[1]))
-    out = []
-    for m, r in zip(micro, rows):
-        batch = dict(_collate(r, pad_id, shape), pieces=m)
-        if valid is not None:
-            batch["valid"] = torch.cat([valid[p.group, p.lo:p.hi] for p in m]).float()
-        out.append(batch)
+def pieces_of(inputs: GroupInputs, token_budget: int) -> list[tuple[int, int]]:
+    """Rollout ranges lo..hi of one group whose rows (with the teacher's two) fit `token_budget` padded,
+    as many rollouts per piece as fit; a single rollout with its teacher is the smallest piece."""
+    n, lo, out = len(inputs.captions), 0, []
+    while lo < n:
+        hi = lo + 1
+        while hi < n and _padded_size(inputs.rows(lo, hi + 1)) <= token_budget:
+            hi += 1
+        out.append((lo, hi))
+        lo = hi
     return out
 
 
-def _split(scores: torch.Tensor, pieces: list[Piece]):
+def alignment_batch(inputs: list[GroupInputs], pad_id: int, token_budget: int, valid: torch.Tensor | None = None):
+    """Every group's pieces as units of one Batch. Per-row extras: role (above), group, rollout (-1 for
+    the teacher's rows) and, for training, the format validity of each student row's rollout."""
+    from prism_mcore.data.batch import Batch, right_padded
+
+    rows, unit, role, group, rollout = [], [], [], [], []
+    for g, inp in enumerate(inputs):
+        for lo, hi in pieces_of(inp, token_budget):
+            k = hi - lo
+            rows += inp.rows(lo, hi)
+            unit += [_next_unit(unit)] * (2 * k + 2)
+            role += [STUDENT_CAPTION] * k + [STUDENT_REASONING] * k + [TEACHER_CAPTION, TEACHER_REASONING]
+            group += [g] * (2 * k + 2)
+            rollout += list(range(lo, hi)) * 2 + [-1, -1]
+    tokens, mask = right_padded(rows, pad_id)
+    extra = {"role": torch.tensor(role), "group": torch.tensor(group), "rollout": torch.tensor(rollout)}
+    if valid is not None:
+        extra["valid"] = torch.tensor([bool(valid[g, r]) if r >= 0 else False for g, r in zip(group, rollout)])
+    return Batch(tokens=tokens, attention_mask=mask, unit=torch.tensor(unit), extra=extra)
+
+
+def _next_unit(units: list[int]) -> int:
+    return units[-1] + 1 if units else 0
+
+
+def comparisons(scores: torch.Tensor, batch) -> tuple[torch.Tensor, ...]:
     """Per-row scores of a micro-batch -> (student caption, student reasoning, teacher caption, teacher
-    reasoning), each [sum of piece sizes], the teacher's repeated for each of its piece's rollouts."""
-    parts, at = [], 0
-    for p in pieces:
-        k = p.size
-        chunk = scores[at:at + 2 * k + 2]
-        parts.append((chunk[:k], chunk[k:2 * k], chunk[2 * k].expand(k), chunk[2 * k + 1].expand(k)))
-        at += 2 * k + 2
-    return tuple(torch.cat(column) for column in zip(*parts))
-
-
-def _shares(num_groups: int) -> list[int]:
-    from megatron.core import parallel_state as ps
-
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    return list(range(num_groups))[rank::dp]
-
-
-def _gather_to_all(local: dict[int, torch.Tensor], num_groups: int, width: int) -> torch.Tensor:
-    """[num_groups, width] on every rank from the rows each DP rank's last pipeline stage computed."""
-    from megatron.core import parallel_state as ps
-
-    full = torch.zeros(num_groups, width, dtype=torch.float64)
-    if ps.is_pipeline_last_stage():
-        for g, values in local.items():
-            full[g] = values.double()
-    dist.all_reduce(full, group=ps.get_data_parallel_group())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
-    return full.float()
+    reasoning), one entry per rollout, each rollout's teacher read from its own piece."""
+    role, unit = batch.extra["role"], batch.unit
+    teacher_row = {}
+    for i, (r, u) in enumerate(zip(role.tolist(), unit.tolist())):
+        if r in (TEACHER_CAPTION, TEACHER_REASONING):
+            teacher_row[(u, r)] = i
+    students = unit[role == STUDENT_CAPTION].tolist()
+    tp = torch.tensor([teacher_row[(u, TEACHER_CAPTION)] for u in students], dtype=torch.long)
+    tr = torch.tensor([teacher_row[(u, TEACHER_REASONING)] for u in students], dtype=torch.long)
+    dev = scores.device
+    return (scores[role.to(dev) == STUDENT_CAPTION], scores[role.to(dev) == STUDENT_REASONING],
+            scores[tp.to(dev)], scores[tr.to(dev)])
 
 
 def score_groups(disc, inputs: list[GroupInputs], pad_id: int, token_budget: int) -> torch.Tensor:
     """Collective: scores [num_groups, 2n + 2] (captions, reasonings, teacher caption, teacher reasoning),
     raw (unclipped), on every rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from prism_mcore.models.discriminator import sequence_scores
+    from prism_mcore.trainer.step import StepRunner
 
-    batches = _batches(inputs, _shares(len(inputs)), pad_id, token_budget)
+    batch = alignment_batch(inputs, pad_id, token_budget)
+
+    def score(net, micro):
+        out = net(micro.tokens, micro.attention_mask)
+        return out, lambda token_scores: {"score": sequence_scores(token_scores, micro.attention_mask)}
+
+    per_row = StepRunner(token_budget, pad_id).forward(disc, batch, score)["score"]
     n = len(inputs[0].captions)
-
-    def forward_step(data_iter, model):
-        batch = next(data_iter)
-        out = model(batch["tokens"], batch["attention_mask"])
-
-        def collect(token_scores):
-            rows = sum(2 * p.size + 2 for p in batch["pieces"])
-            return torch.zeros(()), {"scores": sequence_scores(token_scores, batch["attention_mask"])[:rows].detach()}
-
-        return out, collect
-
-    disc.ddp.eval()
-    try:
-        with torch.no_grad():
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=[disc.ddp],
-                num_microbatches=len(batches), seq_length=max(b["tokens"].shape[1] for b in batches) if batches else 1,
-                micro_batch_size=max(b["tokens"].shape[0] for b in batches) if batches else 1, forward_only=True)
-    finally:
-        disc.ddp.train()
-    local: dict[int, torch.Tensor] = {}
-    for batch, out in zip(batches, outputs or []):
-        at = 0
-        for p in batch["pieces"]:
-            k = p.size
-            chunk = out["scores"][at:at + 2 * k + 2]
-            row = local.setdefault(p.group, torch.zeros(2 * n + 2))
-            row[p.lo:p.hi], row[n + p.lo:n + p.hi], row[2 * n:] = chunk[:k], chunk[k:2 * k], chunk[2 * k:]
-            at += 2 * k + 2
-    return _gather_to_all(local, len(inputs), 2 * n + 2)
+    full = torch.zeros(len(inputs), 2 * n + 2)
+    column = {STUDENT_CAPTION: 0, STUDENT_REASONING: n, TEACHER_CAPTION: 2 * n, TEACHER_REASONING: 2 * n + 1}
+    # the teacher is scored in every piece of its group: keep its first piece's score
+    for i in reversed(range(batch.num_rows)):
+        r, g, k = (int(batch.extra[name][i]) for name in ("role", "group", "rollout"))
+        full[g, column[r] + (k if k >= 0 else 0)] = per_row[i]
+    return full
 
 
-def _loss_step(cfg: PrismConfig, num_samples: int, num_valid: int, num_micro: int, dp: int):
-    from prism_mcore.algorithms.discriminator_loss import alignment_discriminator_loss, clip_scores
-    from prism_mcore.models.discriminator import sequence_scores
+class AlignmentObjective:
+    """The Stage-2 Bradley-Terry loss: teacher segments over the rollouts' segments, each rollout compared
+    with its own group's teacher; malformed rollouts only enter the score regulariser. Every rank holds
+    the step's counts (valid comparisons, rollouts), so the means are global without a collective."""
 
-    a = cfg.algorithm
+    mode = "token-mean"  # not per token: the counts below normalise
 
-    def forward_step(batch, model):
-        out = model(batch["tokens"], batch["attention_mask"])
+    def __init__(self, cfg: PrismConfig, num_valid: int, num_samples: int):
+        self.a, self.num_valid, self.num_samples = cfg.algorithm, num_valid, num_samples
+
+    def step(self, net, batch, norm):
+        from prism_mcore.algorithms.discriminator_loss import alignment_discriminator_loss, clip_scores
+        from prism_mcore.models.discriminator import sequence_scores
+
+        a = self.a
+        out = net(batch.tokens, batch.attention_mask)
 
         def loss_fn(token_scores):
-            rows = sum(2 * p.size + 2 for p in batch["pieces"])
-            sp, sr, tp, tr = _split(sequence_scores(token_scores, batch["attention_mask"])[:rows], batch["pieces"])
-            valid = batch["valid"]
-            pair, stats = alignment_discriminator_loss(
+            sp, sr, tp, tr = comparisons(sequence_scores(token_scores, batch.attention_mask), batch)
+            valid = batch.extra["valid"][batch.extra["role"] == STUDENT_CAPTION].to(sp.device)
+            pair, _ = alignment_discriminator_loss(
                 sp, sr, tp, tr, valid, score_clip=a.score_clip, clip_mode=a.score_clip_mode, score_reg_coef=0.0,
-                num_valid=float(num_valid), global_num_valid=float(num_valid))
-            if num_valid == 0:  # the fallback is a per-micro-batch mean: weight it by this batch's share
-                pair = pair * (sp.numel() / num_samples)
+                num_valid=float(self.num_valid), global_num_valid=float(self.num_valid))
+            if self.num_valid == 0:  # the fallback is a per-micro-batch mean: weight it by this batch's share
+                pair = pair * (sp.numel() / self.num_samples)
             squares = sum(clip_scores(x, a.score_clip, a.score_clip_mode).square().sum() for x in (sp, sr, tp, tr))
-            loss = pair + a.score_reg_coef * squares / (4.0 * num_samples)  # mean over the whole step's samples
-            # Megatron divides by the local micro-batch count and DDP averages over DP ranks: undo both
-            return loss * num_micro * dp, {"d_loss": loss.detach().clone(),
-                                           "d_correct": ((tp > sp).float() * valid).sum() + ((tr > sr).float() * valid).sum()}
+            loss = pair + a.score_reg_coef * squares / (4.0 * self.num_samples)  # mean over the step's samples
+            v = valid.float()
+            correct = ((tp > sp).float() * v).sum() + ((tr > sr).float() * v).sum()
+            return loss * norm.scale, {"d_loss": loss.detach(), "d_correct": correct}
 
         return out, loss_fn
-
-    return forward_step
 
 
 def update_discriminator(disc, cfg: PrismConfig, inputs: list[GroupInputs], valid: torch.Tensor, pad_id: int,
                          step: int) -> dict:
     """Collective: one optimizer step of the alignment Bradley-Terry loss. `valid` [groups, n] is format
     validity; malformed rollouts only enter the score regularizer. Returns metrics (same on every rank)."""
-    from megatron.core import parallel_state as ps
+    from prism_mcore.trainer.step import StepRunner, lr_at
 
-    batches = _batches(inputs, _shares(len(inputs)), pad_id, cfg.data.micro_batch_tokens, valid=valid)
+    batch = alignment_batch(inputs, pad_id, cfg.data.micro_batch_tokens, valid=valid)
     if disc.net.post_process:
         disc.net.head_dropout.reseed(step)
     num_valid = int(valid.sum())
-    forward = _loss_step(cfg, valid.numel(), num_valid, len(batches), ps.get_data_parallel_world_size())
-    seq = max(b["tokens"].shape[1] for b in batches)
-    rows = max(b["tokens"].shape[0] for b in batches)
-    result = disc.train(forward, batches, seq_length=seq, micro_batch_size=rows, step=step,
-                        total_steps=cfg.trainer.steps)
-    stats = torch.tensor([sum(d["d_loss"] for d in result.losses) if result.losses else 0.0,
-                          sum(d["d_correct"] for d in result.losses) if result.losses else 0.0], dtype=torch.float64)
-    if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
-        stats.zero_()
-    dist.all_reduce(stats)
-    return {"d_loss": float(stats[0]), "d_pair_accuracy": float(stats[1]) / max(1, 2 * num_valid),
-            "d_grad_norm": result.grad_norm}
+    result = StepRunner(cfg.data.micro_batch_tokens, pad_id).train(
+        disc, batch, AlignmentObjective(cfg, num_valid, valid.numel()), lr_at(step, cfg.trainer.steps, disc.optim))
+    return {"d_loss": result.metrics["d_loss"], "d_pair_accuracy": result.metrics["d_correct"] / max(1, 2 * num_valid),
+            "d_grad_norm": result.grad_norm, "d_nonfinite": int(result.nonfinite)}

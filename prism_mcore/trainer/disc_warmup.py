@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.distributed as dist
 
 from prism_mcore.config import PrismConfig
 
@@ -26,47 +25,52 @@ def encode_pair(pair, tokenizer, max_length: int) -> tuple[list[int], list[int]]
     return ids(pair.chosen), ids(pair.rejected)
 
 
-def collate_pairs(encoded: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> dict:
-    """Chosen rows first, then rejected rows, right-padded to one length, with a 0/1 attention mask."""
-    rows = [c for c, _ in encoded] + [r for _, r in encoded]
-    length = length or max(map(len, rows))
-    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"tokens": tokens, "attention_mask": mask, "pairs": len(encoded)}
+def pairs_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int):
+    """Rows chosen_0, rejected_0, chosen_1, ...: each pair is one unit (scored in one forward pass), and
+    extra["role"] says which row is which (+1 chosen, -1 rejected)."""
+    from prism_mcore.data.batch import Batch, right_padded
+
+    tokens, mask = right_padded([row for pair in encoded for row in pair], pad_id)
+    unit = torch.arange(len(encoded)).repeat_interleave(2)
+    role = torch.tensor([1, -1] * len(encoded))
+    return Batch(tokens=tokens, attention_mask=mask, unit=unit, extra={"role": role})
 
 
-def _forward_step(num_micro: int, dp: int, pairs_total: float):
-    from prism_mcore.algorithms.discriminator_loss import bradley_terry_loss
-    from prism_mcore.models.discriminator import sequence_scores
+class PairObjective:
+    """Bradley-Terry on (chosen, rejected) score pairs, the mean over the global batch's pairs."""
 
-    def forward_step(batch, model):
-        token_scores = model(batch["tokens"], batch["attention_mask"])
+    mode = "token-mean"  # not per token: the loss is per pair, normalised by `units`
+
+    @staticmethod
+    def units(batch) -> float:
+        return float((batch.extra["role"] == 1).sum())
+
+    def step(self, net, batch, norm):
+        from prism_mcore.algorithms.discriminator_loss import bradley_terry_loss
+        from prism_mcore.models.discriminator import sequence_scores
+
+        token_scores = net(batch.tokens, batch.attention_mask)
 
         def loss_fn(scores):
-            seq = sequence_scores(scores, batch["attention_mask"])
-            chosen, rejected = seq[: batch["pairs"]], seq[batch["pairs"]:]
-            bt = bradley_terry_loss(chosen, rejected).mean()  # over this micro-batch's pairs
-            n = float(batch["pairs"])
-            loss = bt * n * num_micro * dp / pairs_total  # exact mean over the global batch
-            return loss, {"bt_sum": (bt * n).detach().clone(), "correct": (chosen > rejected).float().sum(),
-                          "gap_sum": (chosen - rejected).sum().detach(), "pairs": torch.tensor(n)}
+            seq = sequence_scores(scores, batch.attention_mask)
+            role = batch.extra["role"]
+            chosen, rejected = seq[role == 1], seq[role == -1]
+            bt = bradley_terry_loss(chosen, rejected).sum()
+            share = 1.0 / max(norm.num_units, 1.0)
+            return norm.loss_per_unit(bt), {"loss": bt.detach() * share,
+                                            "accuracy": (chosen > rejected).float().sum() * share,
+                                            "score_gap": (chosen - rejected).detach().sum() * share}
 
         return token_scores, loss_fn
 
-    return forward_step
-
 
 def run_disc_warmup(cfg: PrismConfig) -> dict:
-    from megatron.core import parallel_state as ps
-
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.data.warmup_pairs import load_warmup_pairs
     from prism_mcore.models.discriminator import build_discriminator
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.trainer.run import StageRun, export_hf, load_hf_weights, trainable
+    from prism_mcore.trainer.run import StageRun, export_hf, load_hf_weights
+    from prism_mcore.trainer.step import StepRunner, lr_at, trainable
 
     tok = qwen3_tokenizer()
     pairs, skipped = [], 0
@@ -83,32 +87,23 @@ def run_disc_warmup(cfg: PrismConfig) -> dict:
         load_hf_weights(disc, cfg, kind="discriminator")
     model = trainable(disc, cfg.optim)
     run = StageRun(cfg, {"": model})
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    runner = StepRunner(cfg.data.micro_batch_tokens, tok.pad_token_id)
     batch = cfg.data.global_batch_size
     last = {}
     for step in run.steps():
         epoch, offset = divmod(step, max(1, len(encoded) // batch))
         order = list(range(len(encoded)))
         random.Random(cfg.data.seed * 1_000_003 + epoch).shuffle(order)
-        mine = [encoded[i] for i in order[offset * batch:(offset + 1) * batch]][dp_rank::dp]
-        per_micro = max(1, cfg.data.micro_batch_tokens // (2 * max_len))
-        micro_rows = [mine[i:i + per_micro] for i in range(0, len(mine), per_micro)]
-        length = max(len(r) for pair in mine for r in pair)
-        micro = [collate_pairs(m, tok.pad_token_id, length) for m in micro_rows]
+        chosen = [encoded[i] for i in order[offset * batch:(offset + 1) * batch]]
         if disc.post_process:
             disc.head_dropout.reseed(step)
-        result = model.train(_forward_step(len(micro), dp, float(batch)), micro, seq_length=length,
-                             micro_batch_size=2 * per_micro, step=step, total_steps=cfg.trainer.steps)
-        stats = torch.tensor([sum(d[k] for d in result.losses) if result.losses else 0.0
-                              for k in ("bt_sum", "correct", "gap_sum", "pairs")])
-        if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
-            stats.zero_()
-        dist.all_reduce(stats)
-        n = max(float(stats[3]), 1.0)
-        last = {"loss": float(stats[0]) / n, "accuracy": float(stats[1]) / n, "score_gap": float(stats[2]) / n,
-                "grad_norm": result.grad_norm, "lr": model.optimizer.param_groups[0]["lr"], "skipped_rows": skipped}
-        run.end_step(step, last, {"kind": "discriminator"}, f"loss {last['loss']:.3f}")
+        result = runner.train(model, pairs_batch(chosen, tok.pad_token_id), PairObjective(),
+                              lr_at(step, cfg.trainer.steps, cfg.optim))
+        last = {**result.metrics, "grad_norm": result.grad_norm, "lr": model.optimizer.param_groups[0]["lr"],
+                "micro_batches": result.num_micro, "skipped_rows": skipped, "update_skipped": result.skipped}
+        run.end_step(step, last, {"kind": "discriminator"}, f"loss {last['loss']:.3f}", bad=result.nonfinite)
     run.close()
     if cfg.trainer.export_hf:
         export_hf(disc, cfg, f"{cfg.trainer.output_dir}/hf", kind="discriminator")
+    run.finished(["hf"] if cfg.trainer.export_hf else [])
     return last

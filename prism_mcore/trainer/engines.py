@@ -41,65 +41,18 @@ def reap_orphaned_ray(root: str = "/tmp") -> int:
     processes were stopped."""
     import glob
     import shutil
-    import signal
+
+    from prism_mcore.platform.processes import alive, descendants, kill_all, processes_mentioning
 
     stopped = 0
     for session in glob.glob(f"{root}/{RAY_DIR_PREFIX}*/session_2*"):
         driver = int(session.rsplit("_", 1)[-1]) if session.rsplit("_", 1)[-1].isdigit() else None
-        if driver is None or _alive(driver):
+        if driver is None or alive(driver):
             continue
-        doomed = _processes_mentioning(session)
-        doomed |= _descendants(doomed)
-        for pid in doomed:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                stopped += 1
-            except ProcessLookupError:
-                pass
+        doomed = processes_mentioning(session)
+        stopped += kill_all(doomed | descendants(doomed))
         shutil.rmtree(os.path.dirname(session), ignore_errors=True)
     return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _processes_mentioning(text: str) -> set[int]:
-    found = set()
-    for proc in os.listdir("/proc"):
-        if proc.isdigit():
-            try:
-                with open(f"/proc/{proc}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.add(int(proc))
-            except OSError:
-                pass
-    return found
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for proc in os.listdir("/proc"):
-        if proc.isdigit():
-            try:
-                with open(f"/proc/{proc}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(proc))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
 
 
 @dataclass
@@ -117,8 +70,13 @@ class Scored:
 class Rollouts:
     """Every rank holds one; only rank 0 talks to the engines, the others receive what it sampled."""
 
-    def __init__(self, cfg: PrismConfig, tokenizer, model_dir: str):
+    def __init__(self, cfg: PrismConfig, tokenizer, model_dir: str, runner=None, probe_rows=()):
+        """`runner` (the stage's StepRunner) and `probe_rows` (fixed token rows, the same on every rank) make
+        the log-prob probe that runs after every `rollout.probe_every`-th weight sync."""
         self.cfg, self.tok = cfg, tokenizer
+        self.runner, self.probe_rows = runner, [list(r) for r in probe_rows if len(r) > 1]
+        if cfg.rollout.probe_every and (runner is None or not self.probe_rows):
+            raise ValueError("rollout.probe_every needs probe rows and the stage's step runner")
         self.pool = start_pool(cfg, model_dir) if dist.get_rank() == 0 else None
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
@@ -156,12 +114,25 @@ class Rollouts:
                 "eval_response_len": sum(len(r.token_ids) for r in rollouts) / len(rollouts)}
 
     def sync(self, policy, version: int):
-        """Collective: the trained policy's weights into every engine, as weight version `version`."""
+        """Collective: the trained policy's (a Trainable) weights into every engine, as weight version
+        `version`; on every `rollout.probe_every`-th version the engines must then reproduce the trainer's
+        log-probs of the probe rows (LogprobMismatch otherwise, on every rank)."""
         from prism_mcore.rollout.weight_sync import sync_weights
 
-        # bucket size, transport, zero-copy and timeouts from cfg.rollout
-        return sync_weights(policy, self.cfg.model, self.endpoints, version, step=version,
-                            rollout_cfg=self.cfg.rollout)
+        # bucket size, transport, zero-copy, timeouts and probe_every from cfg.rollout
+        return sync_weights(policy.net, self.cfg.model, self.endpoints, version, step=version,
+                            rollout_cfg=self.cfg.rollout, probe=(lambda: self.probe(policy)) if self.probe_rows else None)
+
+    def probe(self, policy):
+        """Collective: the probe rows and the trainer's log-probs of each of their tokens after the first."""
+        from prism_mcore.data.batch import next_token_batch
+        from prism_mcore.rollout.probe import Probe
+        from prism_mcore.trainer.policy_update import sequence_logprobs
+
+        rows = self.probe_rows
+        batch = next_token_batch(rows, [[1.0] * (len(r) - 1) for r in rows], self.tok.pad_token_id)
+        logp = sequence_logprobs(self.runner, policy, batch, self.cfg.model.vocab_size)
+        return Probe(rows, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=self.cfg.model.dtype)
 
     def close(self) -> None:
         if self.pool:

@@ -20,7 +20,7 @@ def dapo_batch(cfg: PrismConfig, rollouts_of, batches, step: int):
     from prism_mcore.algorithms.dapo import DynamicSampler
 
     a, want = cfg.algorithm, cfg.data.global_batch_size
-    if not a.dynamic_sampling_on():
+    if not a.dynamic_sampling:
         examples = next(batches)
         return examples, rollouts_of(examples, step), {}
     sampler = DynamicSampler(want, a.max_gen_batches)
@@ -48,8 +48,9 @@ def run_rl(cfg: PrismConfig) -> dict:
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.parallel.layout import init_model_parallel
     from prism_mcore.trainer.engines import Rollouts, held_out, should_eval
-    from prism_mcore.trainer.policy_update import sequences, update_policy
-    from prism_mcore.trainer.run import StageRun, build_policy, export_hf, trainable
+    from prism_mcore.trainer.policy_update import rollout_batch, update_policy
+    from prism_mcore.trainer.run import StageRun, build_policy, export_hf
+    from prism_mcore.trainer.step import StepRunner, trainable
 
     tok = qwen3_tokenizer()
     data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length)
@@ -59,13 +60,14 @@ def run_rl(cfg: PrismConfig) -> dict:
     run = StageRun(cfg, {"": policy})
     if run.resumed and run.resumed.get("data"):
         data.load_state_dict(run.resumed["data"])
-    engines = Rollouts(cfg, tok, cfg.model.hf_path)
-    buffer = cfg.algorithm.overlong_buffer_tokens(cfg.rollout.max_tokens)
+    runner = StepRunner(cfg.data.micro_batch_tokens, tok.pad_token_id)
+    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_rows=[e.prompt_ids for e in data.examples[:2]])
+    buffer = cfg.algorithm.overlong_buffer
     batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
     try:
         if run.start:  # engines start from the initial weights: bring them to the resumed ones
-            engines.sync(policy.net, run.start)
+            engines.sync(policy, run.start)
         if val and run.start == 0 and cfg.trainer.eval_at_start:
             run.log(0, engines.evaluate(val, step=-1))
         for step in run.steps():
@@ -77,20 +79,20 @@ def run_rl(cfg: PrismConfig) -> dict:
                 rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_tokens, buffer,
                                                      cfg.algorithm.overlong_penalty_factor)
             advantages = grpo_advantages(rewards, consecutive_groups(len(flat), cfg.rollout.n))
-            batch = sequences([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
-            result, mismatch = update_policy(policy, cfg, batch, advantages, step)
-            sync = engines.sync(policy.net, step + 1)
+            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
+            update = update_policy(policy, cfg, batch, advantages, step, runner)
+            sync = engines.sync(policy, step + 1)
             last = {"reward": float(rewards.mean()), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat), "response_len": float(lengths.float().mean()),
-                    "grad_norm": result.grad_norm, "sync_s": sync.seconds, "mismatch_kl": mismatch,
-                    "skipped_rows": sum(data.skipped.values()), **sampling}
+                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update}
             if val and should_eval(cfg, step + 1):
                 last.update(engines.evaluate(val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict()},
-                         f"reward {last['reward']:.3f} acc {last['accuracy']:.2f}")
+                         f"reward {last['reward']:.3f} acc {last['accuracy']:.2f}", bad=update["nonfinite_updates"] > 0)
     finally:
         run.close()
         engines.close()
     if cfg.trainer.export_hf:
         export_hf(policy.net, cfg, f"{cfg.trainer.output_dir}/hf")
+    run.finished(["hf"] if cfg.trainer.export_hf else [])
     return last

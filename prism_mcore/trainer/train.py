@@ -77,17 +77,60 @@ def preflight(cfg: PrismConfig) -> None:
 
 
 def train(cfg: PrismConfig) -> dict:
-    preflight(cfg)
-    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
-        from prism_mcore.platform.distributed import destroy_distributed, init_distributed
+    """Preflight, the output directory's run lock, then the stage on this machine's ranks (or, under
+    torchrun/srun, as this process's rank: rank 0 holds the lock and tells the others whether it got it)."""
+    from prism_mcore.trainer.metrics import announce
+    from prism_mcore.trainer.run_lock import RunLock
 
-        init_distributed()
-        try:
-            return stage_main(cfg.model_dump())
-        finally:
-            destroy_distributed()
+    preflight(cfg)
+    check_output_dir(cfg)
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        return _train_as_rank(cfg)
     from prism_mcore.platform.multiproc import run_on_ranks
 
     p = cfg.parallel
     world = p.world_size or p.tp * p.pp * p.cp * (p.dp or 1)
-    return run_on_ranks(stage_main, world, cfg.model_dump(), timeout=float(os.environ.get("PRISM_TRAIN_TIMEOUT_S", 86400)))[0]
+    with RunLock(cfg.trainer.output_dir):
+        announce(f"{cfg.trainer.stage}: starting {world} rank{'s' * (world > 1)} (tp={p.tp} pp={p.pp} ep={p.ep} "
+                 f"dp={p.resolved_dp(world)}), output in {cfg.trainer.output_dir}")
+        return run_on_ranks(stage_main, world, cfg.model_dump(),
+                            timeout=float(os.environ.get("PRISM_TRAIN_TIMEOUT_S", 86400)))[0]
+
+
+def _train_as_rank(cfg: PrismConfig) -> dict:
+    import torch.distributed as dist
+
+    from prism_mcore.config import ConfigError
+    from prism_mcore.platform.distributed import destroy_distributed, init_distributed
+    from prism_mcore.trainer.run_lock import RunLock
+
+    init_distributed()
+    lock = RunLock(cfg.trainer.output_dir)
+    try:
+        refusal = [None]
+        if dist.get_rank() == 0:
+            try:
+                lock.acquire()
+            except ConfigError as e:
+                refusal = [str(e)]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise ConfigError(refusal[0])
+        return stage_main(cfg.model_dump())
+    finally:
+        lock.release()
+        destroy_distributed()
+
+
+def check_output_dir(cfg: PrismConfig) -> None:
+    """Before any rank starts: a checkpoint in trainer.output_dir that this run cannot resume (another stage,
+    another model) is a one-line error. The ranks check again when they load it."""
+    import json
+    from pathlib import Path
+
+    from prism_mcore.checkpoint.dist_ckpt import newest_loadable
+    from prism_mcore.trainer.run import check_resumable
+
+    path, _ = newest_loadable(Path(cfg.trainer.output_dir) / "checkpoints")
+    if path is not None:
+        check_resumable(json.loads((path / "prism_meta.json").read_text()), cfg, path, warn=False)

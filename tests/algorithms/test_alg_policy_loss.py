@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism_mcore.algorithms.aggregation import AGG_MODES, aggregate, masked_mean
+from prism_mcore.algorithms.aggregation import AGG_MODES, LossNormalizer, aggregate, masked_mean
 from prism_mcore.algorithms.kl import entropy_from_logits, kl_estimate
 from prism_mcore.algorithms.policy_loss import PolicyLossConfig, policy_loss
 
@@ -67,8 +67,8 @@ def test_aggregation_modes_hand_computed():
     assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(2.75)
     assert aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(7 / 6)
     assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm_length=10).item() == pytest.approx(7 / 20)
-    assert aggregate(loss, mask, "token-mean", num_tokens=6).item() == pytest.approx(7 / 6)
-    assert aggregate(loss, mask, "seq-mean-token-mean", num_seqs=4).item() == pytest.approx(5.5 / 4)
+    assert LossNormalizer("token-mean", num_tokens=6).share(loss, mask).item() == pytest.approx(7 / 6)
+    assert LossNormalizer("seq-mean-token-mean", num_seqs=4).share(loss, mask).item() == pytest.approx(5.5 / 4)
     with pytest.raises(ValueError):
         aggregate(loss, mask, "sum")
 
@@ -79,8 +79,8 @@ def test_micro_batches_with_global_denominators_add_up():
     mask = torch.rand(6, 5) > 0.3
     for mode in AGG_MODES:
         whole = aggregate(loss, mask, mode)
-        kw = dict(num_tokens=mask.sum(), num_seqs=(mask.sum(-1) > 0).sum())
-        parts = aggregate(loss[:2], mask[:2], mode, **kw) + aggregate(loss[2:], mask[2:], mode, **kw)
+        norm = LossNormalizer.local(mask, mode)
+        parts = norm.share(loss[:2], mask[:2]) + norm.share(loss[2:], mask[2:])
         assert parts.item() == pytest.approx(whole.item(), abs=1e-6), mode
 
 

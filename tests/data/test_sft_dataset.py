@@ -1,14 +1,12 @@
-"""SFT data: both file formats, the assistant-only loss mask, packing and padding."""
+"""SFT data: both file formats and the assistant-only loss mask (micro-batching is parallel/microbatch.py)."""
 import json
 from collections import Counter
 
 import pytest
-import torch
 
 from prism_mcore.data import synthetic as syn
 from prism_mcore.data.errors import DataError
-from prism_mcore.data.sft_dataset import (SFTSample, collate_padded, load_chat_jsonl, pack_by_token_budget,
-                                          tokenize_chat)
+from prism_mcore.data.sft_dataset import load_chat_jsonl, tokenize_chat
 from prism_mcore.data.tokenizer import qwen3_tokenizer
 
 IM_START, IM_END, NL = 151644, 151645, 198
@@ -99,37 +97,3 @@ def test_a_file_with_nothing_usable_is_a_data_error(tmp_path):
         load_chat_jsonl(tmp_path / "missing.jsonl")
     assert DataError("x").exit_code == 2
 
-
-def _sample(n, start=0):
-    return SFTSample(list(range(start, start + n)), [i % 2 for i in range(n)])
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_packing_respects_the_budget(padded):
-    lengths = [5, 17, 3, 40, 12, 12, 1, 29, 64, 8, 100, 33]
-    samples = [_sample(n, start=i * 1000) for i, n in enumerate(lengths)]
-    stats = Counter()
-    bins = pack_by_token_budget(samples, budget=64, padded=padded, stats=stats)
-    assert stats["truncated"] == 1  # the 100-token sample
-    for b in bins:
-        cost = len(b) * max(map(len, b)) if padded else sum(map(len, b))
-        assert cost <= 64
-    packed = sorted(s.input_ids[0] for b in bins for s in b)
-    assert packed == sorted(s.input_ids[0] for s in samples)  # every sample exactly once
-    cut = next(s for b in bins for s in b if s.input_ids[0] == 10_000)
-    assert len(cut) == 64 and cut.loss_mask == samples[10].loss_mask[:64]
-    if not padded:  # first-fit decreasing gets close to the lower bound here
-        assert len(bins) <= -(-sum(min(n, 64) for n in lengths) // 64) + 1
-    with pytest.raises(ValueError):
-        pack_by_token_budget(samples, budget=0)
-
-
-def test_collate_shifts_labels_and_masks_targets():
-    a = SFTSample([10, 11, 12, 13], [0, 0, 1, 1])
-    b = SFTSample([20, 21], [0, 1])
-    out = collate_padded([a, b], pad_id=0)
-    assert out["tokens"].tolist() == [[10, 11, 12, 13], [20, 21, 0, 0]]
-    assert out["labels"].tolist() == [[11, 12, 13, 0], [21, 0, 0, 0]]
-    # loss_mask[t] is the mask of labels[t] = tokens[t+1]; padding and the last position are off.
-    assert out["loss_mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
-    assert out["tokens"].dtype == torch.long and out["loss_mask"].dtype == torch.float32

@@ -42,15 +42,15 @@ def hf_tensors_at_layouts(cases: list[tuple[str, dict]]) -> list[dict[str, torch
 def one_step(model, cfg, lr: float = 3e-2, seed: int = 0):
     """One AdamW step on random real-vocabulary tokens, so the synced weights differ from the checkpoint."""
     from mcore_jobs import lm_forward_step
-    from prism_mcore.trainer.megatron_step import build_optimizer, train_step, wrap_ddp
+    from prism_mcore.trainer.step import build_optimizer, megatron_step, wrap_ddp
 
     ddp = wrap_ddp(model)
     opt = build_optimizer([ddp], cfg.optim.model_copy(update={"lr": lr, "weight_decay": 0.0}))
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=g)
     batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
-    res = train_step([ddp], opt, lm_forward_step, [batch], 1, 16, 2)
-    assert not res.skipped
+    _, _, skipped = megatron_step([ddp], opt, lm_forward_step, [batch], 1, 16, 2)
+    assert not skipped
     return ddp
 
 

@@ -14,10 +14,10 @@ SCHEMA = {"w": ((4,), "float32")}
 ECHO = "fake_engines:EchoEngine"
 
 
-def echo_pool(ray_cluster, namespace, delays=None, **rollout):
+def echo_pool(ray_cluster, namespace, delays=None, max_staleness=0, **rollout):
     cfg = rollout_config(**rollout)
     return EnginePool("unused", cfg, {"schema": SCHEMA, "delays": delays or {}}, namespace=namespace,
-                      engine_cls=ECHO).start()
+                      engine_cls=ECHO, max_staleness=max_staleness).start()
 
 
 @pytest.mark.timeout(120)
@@ -128,7 +128,7 @@ def test_rollout_mismatch_metrics():
 
 @pytest.mark.timeout(120)
 def test_staleness_window_from_config_and_check(ray_cluster):
-    """rollout.max_staleness is the pool's default window; results outside it are named with both versions."""
+    """The pool's max_staleness is its default window; results outside it are named with both versions."""
     import ray
 
     from prism_mcore.rollout.engine import GenerationResult, StaleWeightsError

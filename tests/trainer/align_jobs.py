@@ -31,7 +31,7 @@ def update_matches_formula_and_learns(world_size: int, ep: int, micro_tokens: in
     from prism_mcore.models.discriminator import build_discriminator
     from prism_mcore.trainer.align import _discriminator_cfg, init_layout
     from prism_mcore.trainer.disc_update import score_groups, update_discriminator
-    from prism_mcore.trainer.run import trainable
+    from prism_mcore.trainer.step import trainable
 
     cfg = PrismConfig.model_validate({
         "model": {k: v for k, v in TINY_MOE.items() if not k.startswith(("num_experts", "moe_"))},

@@ -73,3 +73,49 @@ def test_missing_column_exits_2(tiny_policy, tmp_path):
                       f"trainer.output_dir={tmp_path / 'run'}", timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"{tmp_path / 'bad.parquet'}: missing required column 'reward_model'"]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead process its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_of_the_launcher_takes_ranks_and_engines_down(tiny_policy, tmp_path):
+    import os
+    import signal
+    import time
+
+    from prism_mcore.data.synthetic import make_problems, write_rl_parquet
+    from prism_mcore.platform.processes import descendants
+
+    write_rl_parquet(make_problems(64, seed=3), tmp_path / "rl.parquet")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "prism_mcore.cli", "train", "/dev/null", *RL,
+                             f"model.hf_path={tiny_policy}", f"data.train_files=[{tmp_path / 'rl.parquet'}]",
+                             f"trainer.output_dir={out}", "trainer.steps=200", "trainer.export_hf=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no step in 600 s"
+            time.sleep(0.5)
+        tree = descendants([proc.pid])
+        names = {pid: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                 for pid in tree if os.path.exists(f"/proc/{pid}/cmdline")}
+        assert any("raylet" in c for c in names.values()), names  # the engines' Ray cluster is in the tree
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {pid: names.get(pid, "?") for pid in tree if _running(pid)}
+        assert not left, f"still running 10 s after the launcher's SIGKILL: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -63,3 +63,23 @@ def hidden_to_logprobs(gpt, hidden: torch.Tensor, targets: torch.Tensor, vocab_s
         return out.masked_scatter(keep, values * scale)
 
     return spread(logp), spread(entropy)
+
+
+def lm_hidden(net, batch) -> torch.Tensor:
+    """The policy's forward on a `data.batch.Batch`: final hidden states [b, s, h] on the last pipeline stage
+    (the activations for the next stage elsewhere). Positions are the batch's, else 0..s-1 per row."""
+    b, s = batch.tokens.shape
+    positions = batch.position_ids
+    if positions is None:
+        positions = torch.arange(s, device=batch.tokens.device).unsqueeze(0).expand(b, s)
+    extra = {}
+    if unwrap(net).config.num_moe_experts and unwrap(net).pre_process:
+        extra["padding_mask"] = batch.attention_mask == 0  # padding stays out of the load-balancing loss
+    return net(batch.tokens, positions, None, **extra)
+
+
+def unwrap(net):
+    """The GPTModel inside Megatron's DDP / Float16Module wrappers (its output layer holds the head weight)."""
+    while hasattr(net, "module"):
+        net = net.module
+    return net
