@@ -18,22 +18,22 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from prism_mcore.checkpoint import hf_weights
 from prism_mcore.checkpoint.hf_config import transformers_version, write_scratch_side_files
-from prism_mcore.checkpoint.hf_io import (CheckpointError, LazyCheckpoint, ShardedWriter, TargetExists, atomic_dir,
-                                          check_target, read_json, side_files)
+from prism_mcore.checkpoint.hf_io import (CheckpointError, LazyCheckpoint, atomic_dir, check_target, read_json,
+                                          side_files)
 from prism_mcore.config import ConfigError, ModelConfig, PrismConfig
 from prism_mcore.config.load import build_config
+from prism_mcore.models.spec import resolve
 
 HF_SIDE_DIR = "hf"
 
 
-POLICY, DISCRIMINATOR = "policy", "discriminator"
+POLICY, DISCRIMINATOR = hf_weights.POLICY, hf_weights.DISCRIMINATOR
 
 
 def _build(kind: str, cfg: PrismConfig):
@@ -41,36 +41,13 @@ def _build(kind: str, cfg: PrismConfig):
         from prism_mcore.models.discriminator import build_discriminator
 
         return build_discriminator(cfg.model, cfg.parallel)
-    from prism_mcore.models.qwen3.model import build_qwen3
-
-    return build_qwen3(cfg.model, cfg.parallel)
-
-
-def _with_head(kind: str, read, hf_get, source: LazyCheckpoint):
-    """The discriminator's value head comes from `score.weight` when the source has one (an exported
-    discriminator); a fresh upcycled backbone keeps the head's N(0, 0.02^2) initialization."""
-    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME, VALUE_HEAD_KEY
-
-    def read_with_head(key, region):
-        if key != VALUE_HEAD_KEY:
-            return read(key, region)
-        return hf_get(HF_VALUE_HEAD_NAME, region) if HF_VALUE_HEAD_NAME in source.weight_map else None
-
-    return read_with_head if kind == DISCRIMINATOR else read
+    spec, arch = resolve(cfg.model)
+    return spec.build(arch, cfg.parallel)
 
 
-def expected_hf_shapes(kind: str, model: ModelConfig, source: LazyCheckpoint) -> dict:
-    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME
-    from prism_mcore.models.qwen3.hf_adapter import hf_shapes
-
-    shapes = hf_shapes(model)
-    if kind == DISCRIMINATOR:  # the LM head is unused; the value head may or may not be there yet
-        shapes.pop("lm_head.weight", None)
-        if HF_VALUE_HEAD_NAME in source.weight_map:
-            shapes[HF_VALUE_HEAD_NAME] = (1, model.hidden_size)
-        elif "lm_head.weight" in source.weight_map:
-            shapes["lm_head.weight"] = (model.vocab_size, model.hidden_size)
-    return shapes
+def expected_hf_shapes(kind: str, model: ModelConfig, source: LazyCheckpoint, expert_layout: str | None = None) -> dict:
+    spec, arch = resolve(model)
+    return hf_weights.expected_hf_shapes(spec, arch, kind, source, expert_layout)
 
 
 def minimal_world(tp: int, pp: int, ep: int) -> int:
@@ -83,19 +60,18 @@ def _config(model: dict, tp: int, pp: int, ep: int, world: int) -> PrismConfig:
         "tp": tp, "pp": pp, "ep": ep, "world_size": world, "sequence_parallel": tp > 1 and model.get("num_experts", 0) > 0}})
 
 
-def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int, kind: str = POLICY) -> int:
+def import_rank(hf_dir: str, out: str, model: dict, tp: int, pp: int, ep: int, kind: str = POLICY,
+                expert_layout: str | None = None) -> int:
     from prism_mcore.checkpoint.dist_ckpt import save_checkpoint
-    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.parallel.shards import load_full
 
     cfg = _config(model, tp, pp, ep, dist.get_world_size())
     init_model_parallel(cfg)
     net = _build(kind, cfg)
-    source = LazyCheckpoint(hf_dir)
-    source.check_shapes(expected_hf_shapes(kind, cfg.model, source))
-    loaded = load_full(net, _with_head(kind, megatron_reader(cfg.model, source.get), source.get, source))
-    save_checkpoint(out, 0, [net], meta={"model": cfg.model.model_dump(), "source": str(hf_dir), "kind": kind})
+    spec, arch = resolve(cfg.model)
+    loaded = hf_weights.load_hf(net, spec, arch, hf_dir, kind, expert_layout)
+    save_checkpoint(out, 0, [net], meta={"model": cfg.model.model_dump(), "source": str(hf_dir), "kind": kind,
+                                         "family": spec.name})
     if dist.get_rank() == 0:
         side = Path(out) / HF_SIDE_DIR
         side.mkdir(parents=True, exist_ok=True)
@@ -124,60 +100,26 @@ def export_rank(ckpt_root: str, out_dir: str, max_shard_bytes: int, overwrite: b
 
 def write_hf(net, model: ModelConfig, kind: str, out_dir: str | Path, side_files: list[Path],
              max_shard_bytes: int = 2 * 1024**3, *, overwrite: bool = False) -> None:
-    """Collective: stream a (sharded) Megatron model into an HF directory written by rank 0, gathering
-    one tensor (or one layer of it) at a time. The directory is written as a temporary sibling and renamed
-    into place when complete. An existing non-empty `out_dir` raises TargetExists on every rank (before
-    any work) unless `overwrite`; with it, the old directory is replaced only once the new one is complete."""
-    from prism_mcore.models.qwen3.hf_adapter import is_layered
-    from prism_mcore.parallel.shards import local_shards
-
-    refusal: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            check_target(out_dir, overwrite)
-        except TargetExists as e:
-            refusal[0] = str(e)
-    dist.broadcast_object_list(refusal, src=0)  # every rank stops, not only the writer (no hung collective)
-    if refusal[0]:
-        raise TargetExists(refusal[0])
-    mine = [s for s in local_shards(net) if s.primary]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sorted({(s.key, s.global_shape) for s in mine}))
-    tensors = sorted(set().union(*map(set, everyone)))
-    writer = ShardedWriter(out_dir, max_shard_bytes, overwrite=overwrite) if dist.get_rank() == 0 else None
-    try:
-        for key, shape in tensors:
-            for layer in (range(shape[0]) if is_layered(key) else [None]):
-                pieces = [(s.region(), s.data) for s in mine if s.key == key
-                          and (layer is None or s.region()[0].start <= layer < s.region()[0].stop)]
-                gathered: list = [None] * dist.get_world_size() if writer else None
-                dist.gather_object(pieces, gathered, dst=0)
-                if writer:
-                    value = _assemble_one(key, shape, layer, [p for rank in gathered for p in rank])
-                    for name, tensor in _hf_tensors(kind, model, key, layer, value):
-                        writer.add(name, tensor)
-        if writer:
-            with tempfile.TemporaryDirectory() as scratch:
-                writer.close(_release_side_files(kind, model, side_files, Path(scratch)))
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    dist.barrier()
+    """Collective: stream a (sharded) Megatron model of `model`'s family into an HF directory written by rank
+    0 (checkpoint/hf_weights.py), with the side files (config.json, tokenizer) published beside it. An
+    existing non-empty `out_dir` raises TargetExists on every rank unless `overwrite`."""
+    spec, arch = resolve(model)
+    hf_weights.write_hf(net, spec, arch, kind, out_dir, side_files, max_shard_bytes, overwrite=overwrite,
+                        side_files_for=lambda scratch: _release_side_files(kind, spec, arch, side_files, scratch))
 
 
-def _release_side_files(kind: str, model: ModelConfig, side_files: list[Path], scratch: Path) -> list[Path]:
-    """The side files to publish: the source's (or, for a model trained from scratch, ones built from
-    `model`), with config.json copied into `scratch` when it needs a change: `transformers_version` when
-    absent (transformers and vLLM read it), the sequence-classifier identity for a discriminator."""
+def _release_side_files(kind: str, spec, arch, side_files: list[Path], scratch: Path) -> list[Path]:
+    """The side files to publish: the source's (or, for a model trained from scratch, ones built from the
+    architecture), with config.json copied into `scratch` when it needs a change: `transformers_version` when
+    absent (transformers and vLLM read it), the discriminator's identity."""
     if not any(f.name == "config.json" for f in side_files):  # built from `model:` fields, no source
-        side_files = write_scratch_side_files(model, scratch / "built")
+        side_files = write_scratch_side_files(spec, arch, scratch / "built")
     source = next(f for f in side_files if f.name == "config.json")
     cfg = read_json(source)
     changed = dict(cfg)
     changed.setdefault("transformers_version", transformers_version())
     if kind == DISCRIMINATOR:
-        _as_sequence_classifier(changed)
+        spec.as_sequence_classifier(changed)
     if changed == cfg:
         return side_files
     edited = scratch / "config.json"
@@ -185,47 +127,12 @@ def _release_side_files(kind: str, model: ModelConfig, side_files: list[Path], s
     return [f for f in side_files if f.name != "config.json"] + [edited]
 
 
-def _hf_tensors(kind: str, model: ModelConfig, key: str, layer, value):
-    from prism_mcore.models.discriminator import HF_VALUE_HEAD_NAME, VALUE_HEAD_KEY
-    from prism_mcore.models.qwen3.hf_adapter import hf_tensors
-
-    if key == VALUE_HEAD_KEY:
-        yield HF_VALUE_HEAD_NAME, value
-    elif not (kind == DISCRIMINATOR and key == "output_layer.weight"):
-        yield from hf_tensors(model, key, layer, value)
-
-
-def _as_sequence_classifier(cfg: dict) -> None:
-    """A discriminator is released as `Qwen3(Moe)ForSequenceClassification` with one label: transformers'
-    own class for a backbone + `score` Linear(hidden, 1, bias=False), scored at the last token."""
-    base = "Qwen3Moe" if cfg.get("model_type") == "qwen3_moe" else "Qwen3"
-    cfg.update(architectures=[f"{base}ForSequenceClassification"], num_labels=1,
-               id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-
-
-def _assemble_one(key: str, shape: tuple, layer: int | None, pieces: list) -> torch.Tensor:
-    """One tensor (or one layer of it) from its pieces; every element must be covered exactly once."""
-    target_shape = shape[1:] if layer is not None else shape
-    value = torch.zeros(target_shape, dtype=pieces[0][1].dtype)
-    count = torch.zeros(target_shape, dtype=torch.int32)
-    for region, data in pieces:
-        if layer is not None:
-            offset = layer - region[0].start
-            data = data.reshape(tuple(r.stop - r.start for r in region))[offset]
-            region = region[1:]
-        value[region] = data.reshape(value[region].shape)
-        count[region] += 1
-    if not bool((count == 1).all()):
-        raise ValueError(f"{key} layer {layer}: checkpoint pieces do not cover the tensor exactly once")
-    return value
-
-
 def _source_model(hf_dir: str) -> tuple[dict, ModelConfig]:
     """The HF config.json and the ModelConfig it describes; any problem is one line naming the file."""
     from pydantic import ValidationError
 
+    from prism_mcore.config.hf import model_fields_from_hf, read_hf_config
     from prism_mcore.config.load import _one_line
-    from prism_mcore.models.qwen3.hf_adapter import model_fields_from_hf, read_hf_config
 
     path = Path(hf_dir) / "config.json"
     try:
@@ -241,19 +148,23 @@ def _source_model(hf_dir: str) -> tuple[dict, ModelConfig]:
 
 
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, kind: str = POLICY,
-                overwrite: bool = False) -> int:
+                overwrite: bool = False, expert_layout: str | None = None) -> int:
     from prism_mcore.platform.multiproc import run_on_ranks
 
     hf_config, model = _source_model(hf_dir)
-    architectures = hf_config.get("architectures") or []
-    if isinstance(architectures, list) and any(str(a).endswith("ForSequenceClassification") for a in architectures):
+    spec, arch = resolve(model)
+    if spec.is_discriminator_config(hf_config):
         kind = DISCRIMINATOR
+    if expert_layout is not None and expert_layout not in spec.expert_layouts:
+        raise ValueError(f"--expert-layout {expert_layout}: {spec.name} checkpoints have "
+                         f"{', '.join(spec.expert_layouts)}")
     world = minimal_world(tp, pp, ep)
     _config(model.model_dump(), tp, pp, ep, world)  # layout errors surface here, before any rank starts
     source = LazyCheckpoint(hf_dir)
-    source.check_shapes(expected_hf_shapes(kind, model, source))  # shape and unreadable-file errors too
+    hf_weights.check_source(spec, arch, kind, source, expert_layout)  # shape and unreadable-file errors too
     with atomic_dir(out, overwrite) as tmp:  # refused here, before any rank starts, when --out holds data
-        run_on_ranks(import_rank, world, hf_dir, str(tmp), model.model_dump(), tp, pp, ep, kind, timeout=3600)
+        run_on_ranks(import_rank, world, hf_dir, str(tmp), model.model_dump(), tp, pp, ep, kind, expert_layout,
+                     timeout=3600)
     return 0
 
 
@@ -287,6 +198,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--discriminator", action="store_true",
                    help="import as the PRISM discriminator (backbone + value head `score.weight`)")
+    p.add_argument("--expert-layout", default=None,
+                   help="MoE expert layout on disk when the family has several (Qwen3-VL-MoE: released = Qwen's "
+                        "checkpoints, the default; transformers = a save_pretrained directory)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty "
                    "(only once the new checkpoint is complete)")
     p = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF safetensors directory")
@@ -299,7 +213,8 @@ def main(argv: list[str]) -> int:
     try:
         if args.direction == "hf-to-mcore":
             kind = DISCRIMINATOR if args.discriminator else POLICY
-            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, kind, overwrite=args.overwrite)
+            return hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, kind, overwrite=args.overwrite,
+                               expert_layout=args.expert_layout)
         return mcore_to_hf(args.ckpt, args.out, int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"convert: {e}".splitlines()[0], file=sys.stderr)

@@ -18,8 +18,11 @@ pipeline stage (the first one holds the most micro-batches in flight under 1F1B)
 * activations: what autograd keeps per micro-batch, counted tensor by tensor for the Qwen3 layer
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
   adapted to GQA, SwiGLU, RMSNorm + q/k-norm, no dropout and flash/fused attention), see
-  `layer_activation_elements`; times the micro-batches in flight; recomputation from
+  models/qwen3/memory.py `layer_activation_elements`; times the micro-batches in flight; recomputation from
   `model.megatron.recompute_granularity / recompute_method / recompute_num_layers`.
+* a vision-language model's first stage also holds its vision tower (replicated over TP), with gradients
+  and optimizer state only for the vision parameters that train, and its activations over the micro-batch's
+  image tokens (one image per row at `model.vision.max_pixels`); the family's spec gives the counts.
 * the align stage adds the discriminator (same ranks) with its own layout and optimizer.
 * colocated rollout: vLLM sleeps (level 1: weights to CPU, KV cache dropped) while the trainer runs,
   so it adds nothing to the training peak; while it generates, the trainer's weights, gradients and
@@ -34,61 +37,36 @@ from prism_mcore.config.schema import ModelConfig, ParallelConfig, PrismConfig
 
 GiB = 1024 ** 3
 DEFAULT_GPU_MEMORY_GIB = 80.0
-VOCAB_DIVISIBLE_BY = 128  # as prism_mcore.models.qwen3.model (not imported: that module needs torch)
 # prism_mcore/ops/logprob.py _CHUNKS[("cuda", "cuda")]: the fused log-prob head's fp32 tile on GPUs
 LOGPROB_CHUNK_TOKENS, LOGPROB_CHUNK_VOCAB = 16384, 4096
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter counts
+# Parameter counts: the model family's (models/spec.py), exact against transformers' classes
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ParamCounts:
-    """Parameters of one Qwen3(-MoE) model (unsharded), by part."""
+def _spec(m: ModelConfig):
+    from prism_mcore.models.spec import spec_for
 
-    embedding: int
-    lm_head: int  # 0 when tied (or replaced by a value head)
-    attention: int  # per layer: q/k/v/o projections + q/k norms
-    mlp: int  # per layer: dense SwiGLU, or the router (MoE)
-    experts: int  # per layer: all experts' SwiGLU weights (MoE), else 0
-    norms: int  # per layer: input and post-attention RMSNorm
-    final_norm: int
-    value_head: int
-    num_layers: int
-
-    @property
-    def per_layer(self) -> int:
-        return self.attention + self.mlp + self.experts + self.norms
-
-    @property
-    def total(self) -> int:
-        return (self.embedding + self.lm_head + self.num_layers * self.per_layer + self.final_norm
-                + self.value_head)
+    return spec_for(m)
 
 
-def param_counts(m: ModelConfig, *, vocab_size: int | None = None, lm_head: bool = True,
-                 value_head: bool = False) -> ParamCounts:
-    """Exact counts for HF's Qwen3ForCausalLM / Qwen3MoeForCausalLM (every layer sparse, no shared
-    expert, no biases). `vocab_size` overrides the rows (Megatron's padded vocabulary); `lm_head=False`
-    drops the untied head (the discriminator replaces it with a [1, hidden] `value_head`)."""
-    h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
-    v = vocab_size or m.vocab_size
-    attention = h * q + 2 * h * kv + q * h + 2 * m.head_dim
-    if m.is_moe:
-        inter = m.moe_intermediate_size or m.intermediate_size
-        mlp, experts = m.num_experts * h, m.num_experts * 3 * h * inter
-    else:
-        mlp, experts = 3 * h * m.intermediate_size, 0
-    return ParamCounts(embedding=v * h, lm_head=v * h if lm_head and not m.tie_word_embeddings else 0,
-                       attention=attention, mlp=mlp, experts=experts, norms=2 * h, final_norm=h,
-                       value_head=h if value_head else 0, num_layers=m.num_hidden_layers)
+def param_counts(m: ModelConfig, *, vocab_size: int | None = None, lm_head: bool = True, value_head: bool = False):
+    """The family's parameter counts (`ParamCounts`: embedding, per-layer parts, head, `extra` = e.g. the
+    vision tower). `vocab_size` overrides the rows (Megatron's padded vocabulary); `lm_head=False` drops
+    the untied head (the discriminator replaces it with a [1, hidden] `value_head`)."""
+    return _spec(m).param_counts(m, vocab_size=vocab_size, lm_head=lm_head, value_head=value_head)
 
 
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    multiple = VOCAB_DIVISIBLE_BY * tp
-    return -(-vocab_size // multiple) * multiple
+def padded_vocab(m: ModelConfig, tp: int) -> int:
+    return _spec(m).padded_vocab_size(m.vocab_size, tp)
+
+
+def layer_activation_elements(m: ModelConfig, tp: int, sp: bool, etp: int, tokens: float) -> float:
+    """Elements autograd keeps for one decoder layer over `tokens` tokens (the family's count, see e.g.
+    models/qwen3/memory.py)."""
+    return _spec(m).layer_activation_elements(m, tp, sp, etp, tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +185,11 @@ def model_memory(name: str, m: ModelConfig, p: ParallelConfig, use_distributed_o
     etp = int(_megatron(m, "expert_tensor_parallel_size", tp)) if m.is_moe else 1
     dp = p.resolved_dp(world)
     expert_dp = max(1, world // (pp * etp * ep))
-    vocab = padded_vocab(m.vocab_size, tp)
+    vocab = padded_vocab(m, tp)
     counts = param_counts(m, vocab_size=vocab, lm_head=head == "logprob", value_head=head == "value")
+    extra = _spec(m).extra_memory(m, rows=rows, seq=seq)  # e.g. a vision tower, on the first stage
     layers = m.num_hidden_layers // pp
-    dense_layer = (counts.attention - 2 * m.head_dim) / tp + 2 * m.head_dim + counts.norms + (
+    dense_layer = (counts.attention - 2 * counts.head_dim) / tp + 2 * counts.head_dim + counts.norms + (
         counts.mlp if m.is_moe else counts.mlp / tp)
     expert_layer = counts.experts / ep / etp
 
@@ -280,12 +259,21 @@ def model_memory(name: str, m: ModelConfig, p: ParallelConfig, use_distributed_o
         # value head: fp32 copy of the gathered hidden, its dropout output and mask
         head_bytes = gathered * (4 + 4 + 1)
 
+    notes += list(extra.notes)
     results = []
     for stage, dense, expert in stages:
         w, g, o = static(dense, expert)
         act_factor = max(1, inflight - stage)
         act = act_factor * stored + transient + (head_bytes if stage == pp - 1 else 0)
-        results.append(ModelMemory(name, w, g, o, int(act), int(dense + expert), notes))
+        local = dense + expert
+        if stage == 0 and extra.params:
+            # replicated over TP; only its trainable part has gradients and optimizer state (frozen parameters
+            # stay out of DDP's buffers and the optimizer); its activations are not recomputed
+            _, extra_o, _ = static(extra.trainable, 0)
+            w, g, o = w + extra.params * e, g + extra.trainable * 4, o + extra_o
+            act += act_factor * extra.activation_elements * e
+            local += extra.params
+        results.append(ModelMemory(name, w, g, o, int(act), int(local), notes))
     return max(results, key=lambda r: r.total)
 
 
@@ -324,7 +312,7 @@ def _rollout_weights(cfg: PrismConfig) -> int:
     r = cfg.rollout
     if cfg.trainer.stage not in ("align", "rl") or r.mode != "colocated":
         return 0
-    return int(param_counts(cfg.model).total * _BYTES[cfg.model.dtype] / r.engine_tp)
+    return int(param_counts(cfg.model).total * _BYTES[cfg.model.dtype] / r.engine_tp)  # tower included
 
 
 def estimate_memory(cfg: PrismConfig, world_size: int | None = None,

@@ -45,6 +45,27 @@ class _Section(BaseModel):
         return value
 
 
+class VisionConfig(_Section):
+    """The vision tower of a Qwen3-VL(-MoE) model and how it trains. Filled from `model.hf_path` (a Qwen3-VL
+    checkpoint's `vision_config` and token ids); a `model.vision` section makes the model a Qwen3-VL."""
+
+    train: Literal["frozen", "merger", "full"] = live(
+        "full", "models/qwen3_vl/family.py", description="which vision parameters train: none (frozen), the patch "
+        "merger and deepstack mergers (merger), or the whole tower (full)")
+    lr_mult: float = live(1.0, "models/qwen3_vl/family.py", gt=0, description="learning-rate multiplier of the "
+                          "vision parameters that train (a separate optimizer param group)")
+    max_pixels: int = live(313600, "models/qwen3_vl/family.py", gt=0, description="images are resized to at most "
+                           "this many pixels (PRISM: 560^2); one LLM token per (patch x merge)^2 pixels")
+    tower: dict[str, Any] = live(default_factory=dict, read_by="models/qwen3_vl/config.py", description="the HF "
+                                 "vision_config (depth, hidden_size, num_heads, patch_size, ...)")
+    mrope_section: list[int] = live(default_factory=lambda: [24, 20, 20], read_by="models/qwen3_vl/config.py",
+                                    description="interleaved MRoPE frequencies per axis (t, h, w); sum = head_dim/2")
+    image_token_id: int = live(151655, "models/qwen3_vl/config.py", ge=0)
+    video_token_id: int = live(151656, "models/qwen3_vl/config.py", ge=0)
+    vision_start_token_id: int = live(151652, "models/qwen3_vl/config.py", ge=0)
+    vision_end_token_id: int = live(151653, "models/qwen3_vl/config.py", ge=0)
+
+
 class ModelConfig(_Section):
     """A Qwen3 / Qwen3-MoE architecture, either read from `hf_path` or written inline."""
 
@@ -74,6 +95,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = live("float32", "models/qwen3/model.py")
     megatron: dict[str, Any] = live(default_factory=dict, read_by="models/qwen3/model.py",
                                     description="extra TransformerConfig kwargs")
+    vision: VisionConfig | None = Field(None, description="Qwen3-VL: the vision tower (set from a Qwen3-VL "
+                                        "hf_path); null = a text model")
 
     @property
     def is_moe(self) -> bool:

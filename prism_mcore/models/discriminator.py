@@ -1,13 +1,17 @@
-"""The PRISM discriminator: a Qwen3(-MoE) Megatron backbone plus a scalar value head (spec section 1).
+"""The PRISM discriminator: a Megatron backbone of any family (built through its model spec, models/spec.py:
+Qwen3(-MoE), Qwen3-VL(-MoE)) plus a scalar value head (spec section 1).
 
-`Discriminator.forward(input_ids, attention_mask, packed_seq_lengths)` returns one float32 score per
-token, [b, s], on the last pipeline stage (earlier stages return their hidden states, [s, b, h], for
-the pipeline schedule). `sequence_scores` reads each sequence's score at its own last valid token.
+`Discriminator.forward(input_ids, attention_mask, packed_seq_lengths, pixel_values=None, image_grid_thw=None,
+position_ids=None)` returns one float32 score per token, [b, s], on the last pipeline stage (earlier stages
+return their hidden states, [s, b, h], for the pipeline schedule). `sequence_scores` reads each sequence's
+score at its own last valid token.
 
 Conventions (checked against megatron-core 0.16.1):
-  * GPTModel's RotaryEmbedding rotates by sequence index 0..s-1 and ignores `position_ids`. We swap
-    in a rotary module that uses per-token positions (cumsum(mask) - 1; restarting at 0 for each
-    packed sequence), so a left-padded row sees the same positions as the same row right-padded.
+  * Every token is rotated by its position within its own sequence (restarting at 0 for each packed
+    sequence), so a left-padded row sees the same positions as the same row right-padded or packed. The
+    spec computes them (`forward_inputs`): per-token positions [b, s] for Qwen3 (whose backbone the spec
+    builds with a rotary that honours them), 3-D MRoPE positions [3, b, s] from the image grids for
+    Qwen3-VL (`rope_index_packed`); the images go to the backbone with them.
   * The attention mask is boolean [b, 1, s, s], True = masked, causal AND same-sequence AND valid-key,
     with the diagonal always open so pad queries (whose keys are all masked) cannot produce NaN.
     The local DotProductAttention honours a given mask in its torch softmax (CPU), but with
@@ -24,70 +28,25 @@ the full gradient.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
-
 import torch
 import torch.nn.functional as F
+
+from prism_mcore.models.segments import (PackedLengths, packed_lengths_per_row, segment_attention_mask,  # noqa: F401
+                                         segment_ids, segment_positions)
 
 HF_VALUE_HEAD_NAME = "score.weight"  # the head's name in exported HF checkpoints, shape [1, hidden]
 VALUE_HEAD_KEY = "value_head.weight"  # its key in our (sharded) state dicts
 HEAD_INIT_STD = 0.02
-
-# Per-row lists of packed sequence lengths, or cu_seqlens (0, l1, l1+l2, ...) of a single row.
-PackedLengths = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
 
 # --------------------------------------------------------------------------------------------
 # Masks, positions and the readout (plain torch: usable without Megatron)
 # --------------------------------------------------------------------------------------------
 
-def packed_lengths_per_row(packed_seq_lengths: PackedLengths, batch: int) -> list[list[int]]:
-    if isinstance(packed_seq_lengths, torch.Tensor):
-        cu = packed_seq_lengths.flatten().tolist()
-        if batch != 1 or not cu or cu[0] != 0:
-            raise ValueError("cu_seqlens must start at 0 and describe a single packed row (batch size 1)")
-        rows = [[b - a for a, b in zip(cu[:-1], cu[1:])]]
-    else:
-        rows = [[int(n) for n in row] for row in packed_seq_lengths]
-    if len(rows) != batch:
-        raise ValueError(f"packed_seq_lengths has {len(rows)} rows, the batch has {batch}")
-    if any(n <= 0 for row in rows for n in row):
-        raise ValueError("packed sequence lengths must be positive")
-    return rows
-
-
-def segment_ids(shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
-                packed_seq_lengths: PackedLengths = None, device=None) -> torch.Tensor:
-    """[b, s] long: 0 on padding, k >= 1 on the k-th sequence of the row. With packing the mask is not
-    consulted (the lengths say everything); otherwise each row's valid tokens form one sequence."""
-    b, s = shape
-    if packed_seq_lengths is not None:
-        seg = torch.zeros(b, s, dtype=torch.long)
-        for r, lengths in enumerate(packed_lengths_per_row(packed_seq_lengths, b)):
-            if sum(lengths) > s:
-                raise ValueError(f"row {r}: packed lengths {lengths} exceed the row length {s}")
-            seg[r, :sum(lengths)] = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), torch.tensor(lengths))
-        return seg.to(device)
-    if attention_mask is None:
-        return torch.ones(b, s, dtype=torch.long, device=device)
-    return (attention_mask != 0).long().to(device)
-
-
 def positions_and_mask(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token positions [b, s] (index within its own sequence, pads 0 or repeating the last valid
     position) and the boolean attention mask [b, 1, s, s] with True = masked."""
-    b, s = seg.shape
-    valid = seg > 0
-    count = valid.long().cumsum(1)
-    # each sequence starts counting at its first token; pads keep cumsum(mask) - 1, clamped at 0
-    start = count.new_full((b, int(seg.max()) + 1), s).scatter_reduce(1, seg, count - 1, "amin")
-    start[:, 0] = 0
-    positions = (count - 1 - start.gather(1, seg)).clamp(min=0)
-
-    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    allowed = causal & (seg[:, :, None] == seg[:, None, :]) & valid[:, None, :]
-    allowed |= torch.eye(s, dtype=torch.bool, device=seg.device)  # pad queries see themselves: no NaN
-    return positions, ~allowed[:, None]
+    return segment_positions(seg), segment_attention_mask(seg)
 
 
 def last_token_index(attention_mask: torch.Tensor | None = None, packed_seq_lengths: PackedLengths = None,
@@ -123,28 +82,6 @@ def sequence_scores(token_scores: torch.Tensor, attention_mask: torch.Tensor | N
 # --------------------------------------------------------------------------------------------
 # The Megatron model
 # --------------------------------------------------------------------------------------------
-
-class _PositionalRotary(torch.nn.Module):
-    """Stands in for GPTModel.rotary_pos_emb: RoPE at the positions set for the current forward."""
-
-    def __init__(self, rope: torch.nn.Module):
-        super().__init__()
-        if rope.rotary_interleaved or rope.seq_len_interpolation_factor is not None:
-            raise NotImplementedError("interleaved / interpolated RoPE")
-        self.rope = rope
-        self.positions: torch.Tensor | None = None  # [b, s], set by Discriminator.forward
-
-    def get_rotary_seq_len(self, *args, **kwargs) -> int:
-        return self.rope.get_rotary_seq_len(*args, **kwargs)
-
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
-        if self.positions is None or self.positions.shape[1] != max_seq_len or offset or packed_seq:
-            raise RuntimeError("rotary positions not set for this forward (call the Discriminator, not its backbone)")
-        inv_freq = self.rope.inv_freq.to(self.positions.device, torch.float32)
-        freqs = self.positions.float()[..., None] * inv_freq  # [b, s, d/2], as HF computes it
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.transpose(0, 1)[:, :, None, :].contiguous()  # [s, b, 1, d]: broadcasts over heads
-
 
 class ReplicatedDropout(torch.nn.Module):
     """Inverted dropout whose masks agree on all ranks replicating the head (the TP group): it draws
@@ -211,10 +148,12 @@ class Discriminator(torch.nn.Module):
         self.pre_process = backbone.pre_process
         self.post_process = backbone.post_process
 
+        from prism_mcore.models.spec import spec_of
+
+        self.spec, self.arch = spec_of(backbone)
         for module in backbone.modules():
             if getattr(module, "attn_mask_type", None) == AttnMaskType.causal:
                 module.attn_mask_type = AttnMaskType.arbitrary
-        backbone.rotary_pos_emb = _PositionalRotary(backbone.rotary_pos_emb)
 
         self.value_head = None
         if self.post_process:
@@ -242,8 +181,11 @@ class Discriminator(torch.nn.Module):
         self.backbone.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                packed_seq_lengths: PackedLengths = None) -> torch.Tensor:
+                packed_seq_lengths: PackedLengths = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         seg = segment_ids(tuple(input_ids.shape), attention_mask, packed_seq_lengths, device=input_ids.device)
+        positions, extra = self.spec.forward_inputs(self.arch, input_ids, attention_mask, position_ids,
+                                                    packed_seq_lengths, pixel_values, image_grid_thw)
         length = input_ids.shape[1]
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and length % tp:
@@ -251,16 +193,11 @@ class Discriminator(torch.nn.Module):
             extra_cols = tp - length % tp
             input_ids = F.pad(input_ids, (0, extra_cols))
             seg = F.pad(seg, (0, extra_cols))
-        positions, mask = positions_and_mask(seg)
-        extra = {}
+            positions = F.pad(positions, (0, extra_cols))
+        mask = segment_attention_mask(seg)
         if self.config.num_moe_experts:
             extra["padding_mask"] = self._padding_mask(seg == 0)  # keeps pads out of the aux loss
-        rotary = self.backbone.rotary_pos_emb
-        rotary.positions = positions
-        try:
-            out = self.backbone(input_ids, positions, mask, **extra)
-        finally:
-            rotary.positions = None
+        out = self.backbone(input_ids, positions, mask, **extra)
         if not self.post_process:
             return out  # hidden states for the next pipeline stage
         hidden = self.head_dropout(out.float())  # [b, s, h]; fp32 even when the backbone runs in bf16
@@ -295,9 +232,10 @@ class Discriminator(torch.nn.Module):
 
 
 def build_discriminator(model_cfg, parallel_cfg, head_dropout: float = 0.1, seed: int = 42) -> Discriminator:
-    """The local pipeline stage of the discriminator; call after `init_model_parallel`. The backbone is
-    built with untied embeddings so the last stage holds no LM head (it is replaced by the value head)."""
-    from prism_mcore.models.qwen3.model import build_qwen3
+    """The local pipeline stage of the discriminator; call after `init_model_parallel`. The backbone is the
+    model family's (models/spec.py), built with untied embeddings so the last stage holds no LM head (it is
+    replaced by the value head)."""
+    from prism_mcore.models.spec import resolve
 
-    backbone = build_qwen3(model_cfg.model_copy(update={"tie_word_embeddings": False}), parallel_cfg)
-    return Discriminator(backbone, head_dropout=head_dropout, seed=seed)
+    spec, arch = resolve(model_cfg)
+    return Discriminator(spec.build(arch, parallel_cfg, discriminator=True), head_dropout=head_dropout, seed=seed)

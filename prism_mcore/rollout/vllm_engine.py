@@ -38,7 +38,7 @@ VLLM_ENV_DEFAULTS = {
 def checkpoint_schema(model_path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF name -> (shape, dtype) of every tensor in the checkpoint the engine was started from: the exact
     set a full weight update must provide. Without weight files (vLLM's load_format="dummy") the schema
-    comes from config.json through our Qwen3 adapter."""
+    comes from config.json through the model family's adapter (models/spec.py)."""
     from safetensors import safe_open
 
     schema: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -48,12 +48,20 @@ def checkpoint_schema(model_path: str) -> dict[str, tuple[tuple[int, ...], str]]
                 s = fh.get_slice(k)
                 schema[k] = (tuple(s.get_shape()), s.get_dtype())
     if not schema:
-        from prism_mcore.config import ModelConfig
-        from prism_mcore.models.qwen3.hf_adapter import hf_shapes, model_fields_from_hf, read_hf_config
-
-        cfg = ModelConfig.model_validate(model_fields_from_hf(read_hf_config(model_path)))
-        schema = {k: (tuple(v), cfg.dtype) for k, v in hf_shapes(cfg).items()}
+        spec, arch, model = _family(model_path)
+        schema = {k: (tuple(v), model.dtype) for k, v in spec.hf_shapes(arch).items()}
     return schema
+
+
+def _family(model_path: str):
+    """(spec, arch, ModelConfig) of the HF directory an engine starts from."""
+    from prism_mcore.config import ModelConfig
+    from prism_mcore.config.hf import model_fields_from_hf, read_hf_config
+    from prism_mcore.models.spec import resolve
+
+    model = ModelConfig.model_validate(model_fields_from_hf(read_hf_config(model_path)))
+    spec, arch = resolve(model)
+    return spec, arch, model
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -93,6 +101,16 @@ def _reload_in_worker(worker, buckets: list) -> int:
     return len(buckets)
 
 
+def _family_kwargs(model_path: str, cpu: bool) -> dict:
+    """LLM keyword arguments the model family asks for (multimodal limits); on CPU, vision models skip vLLM's
+    multimodal memory profiling, which takes minutes there and sizes nothing (the KV cache is set in GiB)."""
+    spec, arch, _ = _family(model_path)
+    kwargs = dict(spec.engine_kwargs(arch))
+    if cpu and "limit_mm_per_prompt" in kwargs:
+        kwargs["skip_mm_profiling"] = True
+    return kwargs
+
+
 def _read_params(worker, names: list[str] | None) -> dict[str, torch.Tensor]:
     """The engine's live parameters (tests compare them across sync layouts)."""
     params = dict(worker.model_runner.model.named_parameters())
@@ -122,6 +140,9 @@ class VLLMEngine(RolloutEngine):
                       enable_sleep_mode=self._sleep_supported)
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+        family = _family_kwargs(model_path, current_platform.is_cpu())
+        self._multimodal = "limit_mm_per_prompt" in family
+        kwargs.update(family)
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self._version = 0  # 0 = the checkpoint the engine started from
@@ -204,6 +225,8 @@ class VLLMEngine(RolloutEngine):
             self._broken = f"weight reload of version {version} failed midway: {e!r}"
             raise EngineError(f"engine {self.engine_id}: {self._broken}") from e
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self._multimodal:  # and the cached image features; without this: "Encoder cache miss"
+            self.llm.llm_engine.reset_encoder_cache()
         prune_remote(buckets)
         self._version = version
         return UpdateSummary(version, expected_tensors, nbytes, time.perf_counter() - t0,

@@ -32,9 +32,6 @@ from prism_mcore.rollout.transport import BucketPacker, arena
 log = logging.getLogger("prism.rollout")
 
 
-_ACTORS: dict[tuple, list] = {}  # EngineEndpoints.connect's handles
-
-
 class WeightSyncError(RuntimeError):
     """A sync failed; every engine that did not commit still serves its previous version."""
 
@@ -47,18 +44,23 @@ class EngineEndpoints:
     names: list[str]
     node_ids: list[str] = field(default_factory=list)
     pool_id: str = ""  # one per EnginePool instance: actor handles are cached per pool, not per name
+    # This process's state for these engines, never pickled: the actor handles (each lookup is a GCS round
+    # trip; a handle stays valid across Ray's restarts of its actor) and the torch_distributed weight groups.
+    _actors: list | None = field(default=None, init=False, repr=False, compare=False)
+    _senders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_actors": None, "_senders": {}}
 
     def connect(self) -> list:
-        """Handles of the engine actors (looked up once per pool and process: each lookup is a GCS round
-        trip; a handle stays valid across Ray's restarts of its actor)."""
+        """Handles of the engine actors (looked up once per endpoints object and process)."""
         import ray
 
         if not ray.is_initialized():
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False, configure_logging=False)
-        key = (self.address, self.namespace, tuple(self.names), self.pool_id)
-        if not self.pool_id or key not in _ACTORS:
-            _ACTORS[key] = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
-        return _ACTORS[key]
+        if not self.pool_id or self._actors is None:
+            self._actors = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
+        return self._actors
 
     def transport_for_here(self) -> str:
         """shm when every engine runs on this node (buffers are mapped, not copied), else the object store."""
@@ -117,9 +119,10 @@ def _unit_order(key: str, layer: int | None) -> tuple:
     return (1, layer, key)
 
 
-# id(model) -> (fingerprint, this rank's shards, units). The shards are views of the parameters, so a
-# plan stays right for as long as the parameters keep their memory (the fingerprint) and layout.
-_PLANS: dict[int, tuple[tuple, list, list]] = {}
+# A model's plan lives on the model (attribute below): (fingerprint, this rank's shards, units). The shards
+# are views of the parameters, so a plan stays right for as long as the parameters keep their memory (the
+# fingerprint) and layout.
+_PLAN_ATTR = "_prism_weight_sync_plan"
 
 
 def _fingerprint(model: torch.nn.Module, model_cfg) -> tuple:
@@ -129,27 +132,28 @@ def _fingerprint(model: torch.nn.Module, model_cfg) -> tuple:
 
 def _cached_plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
     """`_plan`, computed once per model: Megatron's sharded_state_dict and the metadata all-gather cost
-    tens of ms per sync. Whether the cached plans are still valid is agreed on by all ranks (one tiny
+    tens of ms per sync. Whether the cached plan is still valid is agreed on by all ranks (one tiny
     all-reduce), so either every rank re-plans or none."""
     fingerprint = _fingerprint(model, model_cfg)
-    cached = _PLANS.get(id(model))
+    cached = getattr(model, _PLAN_ATTR, None)
     valid = torch.tensor([1 if cached is not None and cached[0] == fingerprint else 0])
     dist.all_reduce(valid, op=dist.ReduceOp.MIN)
     if bool(valid.item()):
         return cached[1], cached[2]
     mine, units = _plan(model, model_cfg)
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    _PLANS.pop(id(model), None)
+    plan = None
     if all(s.data.untyped_storage().data_ptr() in storages for s in mine):  # only views can be reused
-        _PLANS[id(model)] = (fingerprint, mine, units)
-        while len(_PLANS) > 2:  # the views keep their model's memory alive: only the latest models
-            del _PLANS[next(iter(_PLANS))]
+        plan = (fingerprint, mine, units)
+    object.__setattr__(model, _PLAN_ATTR, plan)  # a plain attribute, not a registered submodule or buffer
     return mine, units
 
 
 def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
-    from prism_mcore.models.qwen3.hf_adapter import is_layered
+    from prism_mcore.models.spec import spec_for
     from prism_mcore.parallel.shards import iter_local_shards
+
+    is_layered = spec_for(model_cfg).is_layered
 
     mine = list(iter_local_shards(model, primary_only=True))  # views of the live parameters, no copies
     meta = [(t.key, t.global_shape, t.region(), t.data.dtype) for t in mine]
@@ -241,27 +245,22 @@ def _assemble(unit: _Unit, me: int, mine: list) -> torch.Tensor:
 
 
 def _hf_sources(model_cfg, key: str, layer: int | None, value: torch.Tensor) -> Iterator[tuple[str, Any]]:
-    """`hf_tensors`, except that an HF tensor the adapter would materialize with a copying reshape comes as
-    `Reshaped(strided view, HF shape)`: the QKV split of Megatron's rows interleaved per KV group
-    ([q heads, k, v] per group). Names and shapes are the adapter's (asked on a meta tensor)."""
-    from prism_mcore.models.qwen3.hf_adapter import hf_tensors
+    """The family adapter's HF tensors for one unit (models/spec.py `hf_views`): a view where the HF tensor
+    is one (in place, transposed, or reshaped without a copy), else `Reshaped(source, HF shape)` so the packer
+    copies the source straight into the bucket (e.g. the QKV split of Megatron's rows interleaved per KV
+    group) instead of materializing a reshaped copy first."""
+    from prism_mcore.models.spec import resolve
     from prism_mcore.rollout.transport import Reshaped
 
-    if key.endswith("self_attention.linear_qkv.weight") and value.dim() == 2 and value.is_contiguous():
-        m = model_cfg
-        groups, hd = m.num_key_value_heads, m.head_dim
-        per_group = m.num_attention_heads // groups
-        if value.shape[0] == groups * (per_group + 2) * hd:
-            parts = torch.split(value.view(groups, (per_group + 2) * hd, -1), [per_group * hd, hd, hd], dim=1)
-            names = [(n, tuple(t.shape)) for n, t in hf_tensors(m, key, layer, value.to("meta"))]
-            if len(names) == 3 and all(t.numel() == torch.Size(shape).numel() for t, (_, shape) in zip(parts, names)):
-                for t, (name, shape) in zip(parts, names):
-                    try:
-                        yield name, t.view(shape)  # one KV group: still a view
-                    except RuntimeError:
-                        yield name, Reshaped(t, shape)
-                return
-    yield from hf_tensors(model_cfg, key, layer, value)
+    spec, arch = resolve(model_cfg)
+    for name, source, shape in spec.hf_views(arch, key, layer, value):
+        if tuple(source.shape) == tuple(shape):
+            yield name, source
+            continue
+        try:
+            yield name, source.view(shape)
+        except RuntimeError:
+            yield name, Reshaped(source, shape)
 
 
 def _iter_sources(model_cfg, mine: list, units: list[_Unit]) -> Iterator[tuple[str, Any]]:
@@ -401,30 +400,29 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
         return _sync(model, model_cfg, endpoints, version, opts, step, probe, digest, keep_staging)
 
 
-_SENDERS: dict[str, tuple[Any, Any]] = {}  # tag -> (GroupSpec, DistSender): this rank's weight group
-
-
-def _dist_sender(tag: str, actors: list, names: list[str], timeout_s: float, step: int | None):
-    """This rank's weight group with every engine (torch_distributed transport), built once and reused while
-    every engine is still a member; rebuilt after an engine restart or a failed broadcast."""
+def _dist_sender(endpoints: EngineEndpoints, tag: str, actors: list, timeout_s: float, step: int | None):
+    """This rank's weight group with every engine (torch_distributed transport), built once per endpoints
+    object and reused while every engine is still a member; rebuilt after an engine restart or a failed
+    broadcast."""
     from prism_mcore.rollout.transport import (DistSender, drop_group, finish_sender_group, has_group,
                                                open_sender_group)
 
-    cached = _SENDERS.get(tag)
+    names, senders = endpoints.names, endpoints._senders
+    cached = senders.get(tag)
     if cached is not None:
         spec, sender = cached
         if has_group(spec.key) and all(_wait([a.has_weight_group.remote(spec.key) for a in actors], names,
                                              "weight group check", timeout_s, step)):
             return sender
         drop_group(spec.key)
-        del _SENDERS[tag]
+        del senders[tag]
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     spec, store = open_sender_group(tag, len(actors), backend, timeout_s)
     joins = [a.join_weight_group.remote(spec, i + 1) for i, a in enumerate(actors)]
     pg = finish_sender_group(spec, store)
     _wait(joins, names, f"joining weight group {spec.key}", timeout_s, step)
     sender = DistSender(spec.key, pg, f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-    _SENDERS[tag] = (spec, sender)
+    senders[tag] = (spec, sender)
     return sender
 
 
@@ -439,7 +437,7 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
         actors = endpoints.connect()
         transport = endpoints.transport_for_here() if transport == "auto" else transport
         if transport == "torch_distributed":
-            dist_sender = _dist_sender(tag, actors, endpoints.names, timeout_s, step)
+            dist_sender = _dist_sender(endpoints, tag, actors, timeout_s, step)
     except Exception as e:  # noqa: BLE001 - reported collectively below
         error = f"rank {me}: cannot reach the engines: {e}"
     stats.transport = transport

@@ -18,16 +18,17 @@ if TYPE_CHECKING:
 
 
 def build_policy(cfg: PrismConfig):
-    """The local stage of the policy, initialized from `model.hf_path` when given (each rank reads only
-    its own slices), with the fused log-prob head."""
+    """The local stage of the policy, of the family `cfg.model` describes (models/spec.py), initialized from
+    `model.hf_path` when given (each rank reads only its own slices), with the fused log-prob head."""
     from prism_mcore.models.qwen3.logprob_head import use_fused_logprob_head
-    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.models.spec import resolve
 
+    spec, arch = resolve(cfg.model)
     if is_rank0():
-        m = cfg.model
-        announce(f"building the policy ({m.num_hidden_layers} layers, hidden {m.hidden_size}"
-                 f"{f', {m.num_experts} experts' if m.is_moe else ''}{', from ' + m.hf_path if m.hf_path else ''})")
-    policy = build_qwen3(cfg.model, cfg.parallel)
+        m = spec.text_config(arch)
+        announce(f"building the {spec.name} policy ({m.num_hidden_layers} layers, hidden {m.hidden_size}"
+                 f"{f', {m.num_experts} experts' if m.is_moe else ''}{', from ' + cfg.model.hf_path if cfg.model.hf_path else ''})")
+    policy = spec.build(arch, cfg.parallel)
     if cfg.model.hf_path:
         load_hf_weights(policy, cfg)
     use_fused_logprob_head(policy)
@@ -35,14 +36,11 @@ def build_policy(cfg: PrismConfig):
 
 
 def load_hf_weights(net, cfg: PrismConfig, kind: str = "policy") -> None:
-    from prism_mcore.checkpoint.convert import _with_head, expected_hf_shapes
-    from prism_mcore.checkpoint.hf_io import LazyCheckpoint
-    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
-    from prism_mcore.parallel.shards import load_full
+    from prism_mcore.checkpoint.hf_weights import load_hf
+    from prism_mcore.models.spec import resolve
 
-    source = LazyCheckpoint(cfg.model.hf_path)
-    source.check_shapes(expected_hf_shapes(kind, cfg.model, source))
-    load_full(net, _with_head(kind, megatron_reader(cfg.model, source.get), source.get, source))
+    spec, arch = resolve(cfg.model)
+    load_hf(net, spec, arch, cfg.model.hf_path, kind)
 
 
 class StageError(RuntimeError):

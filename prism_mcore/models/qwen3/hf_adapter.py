@@ -18,8 +18,6 @@ import torch
 
 from prism_mcore.config import ModelConfig
 
-from prism_mcore.config.hf import model_fields_from_hf, read_hf_config  # noqa: F401  (re-exported)
-
 
 # ---- per-layer name tables -------------------------------------------------------------------
 
@@ -83,14 +81,6 @@ def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelC
     return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
 
 
-def _split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, hd = m.num_key_value_heads, m.head_dim
-    per_group = m.num_attention_heads // groups
-    x = qkv.reshape(groups, (per_group + 2) * hd, -1)
-    q, k, v = torch.split(x, [per_group * hd, hd, hd], dim=1)
-    return q.reshape(-1, x.shape[-1]), k.reshape(-1, x.shape[-1]), v.reshape(-1, x.shape[-1])
-
-
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
@@ -141,39 +131,51 @@ def megatron_reader(m: ModelConfig, hf_get: Callable[[str, tuple], torch.Tensor]
 
 # ---- Megatron -> HF ------------------------------------------------------------------------------
 
-def hf_tensors(m: ModelConfig, key: str, layer: int | None, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs for one Megatron tensor (or one layer of it: `value` without the layer axis)."""
+def hf_views(m: ModelConfig, key: str, layer: int | None, value: torch.Tensor
+             ) -> Iterator[tuple[str, torch.Tensor, tuple[int, ...]]]:
+    """(HF name, source, HF shape) for one Megatron tensor (or one layer of it: `value` without the layer
+    axis); `source.reshape(shape)` is the HF tensor. Sources are views of `value` (no copies): the QKV
+    split is one strided view per projection ([groups, rows of that projection per group, hidden])."""
     if key == "embedding.word_embeddings.weight":
-        yield "model.embed_tokens.weight", value[: m.vocab_size]
+        yield "model.embed_tokens.weight", value[: m.vocab_size], (m.vocab_size, value.shape[1])
         return
     if key == "output_layer.weight":
         if not m.tie_word_embeddings:
-            yield "lm_head.weight", value[: m.vocab_size]
+            yield "lm_head.weight", value[: m.vocab_size], (m.vocab_size, value.shape[1])
         return
     if key == "decoder.final_layernorm.weight":
-        yield "model.norm.weight", value
+        yield "model.norm.weight", value, tuple(value.shape)
         return
     i = layer
     p = f"model.layers.{i}."
     if key in _LAYER_DIRECT:
-        yield _LAYER_DIRECT[key].format(i=i), value
+        yield _LAYER_DIRECT[key].format(i=i), value, tuple(value.shape)
     elif key == _QKV:
-        for n, t in zip("qkv", _split_qkv(value, m)):
-            yield p + f"self_attn.{n}_proj.weight", t
+        groups, hd = m.num_key_value_heads, m.head_dim
+        per_group = m.num_attention_heads // groups
+        x = value.reshape(groups, (per_group + 2) * hd, -1)
+        for n, part in zip("qkv", torch.split(x, [per_group * hd, hd, hd], dim=1)):
+            yield p + f"self_attn.{n}_proj.weight", part, (part.shape[0] * part.shape[1], part.shape[2])
     elif key == _FC1:
         gate, up = value.chunk(2)
-        yield p + "mlp.gate_proj.weight", gate
-        yield p + "mlp.up_proj.weight", up
+        yield p + "mlp.gate_proj.weight", gate, tuple(gate.shape)
+        yield p + "mlp.up_proj.weight", up, tuple(up.shape)
     elif key == _EXPERT_FC1:
         for e in range(value.shape[0]):
             gate, up = value[e].chunk(2)
-            yield _EXPERT.format(i=i, e=e) + "gate_proj.weight", gate
-            yield _EXPERT.format(i=i, e=e) + "up_proj.weight", up
+            yield _EXPERT.format(i=i, e=e) + "gate_proj.weight", gate, tuple(gate.shape)
+            yield _EXPERT.format(i=i, e=e) + "up_proj.weight", up, tuple(up.shape)
     elif key == _EXPERT_FC2:
         for e in range(value.shape[0]):
-            yield _EXPERT.format(i=i, e=e) + "down_proj.weight", value[e]
+            yield _EXPERT.format(i=i, e=e) + "down_proj.weight", value[e], tuple(value[e].shape)
     else:
         raise KeyError(f"no HF name for Megatron tensor {key}")
+
+
+def hf_tensors(m: ModelConfig, key: str, layer: int | None, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs for one Megatron tensor (or one layer of it: `value` without the layer axis)."""
+    for name, source, shape in hf_views(m, key, layer, value):
+        yield name, source.reshape(shape)
 
 
 def is_layered(key: str) -> bool:

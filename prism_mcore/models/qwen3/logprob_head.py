@@ -67,13 +67,20 @@ def hidden_to_logprobs(gpt, hidden: torch.Tensor, targets: torch.Tensor, vocab_s
 
 def lm_hidden(net, batch) -> torch.Tensor:
     """The policy's forward on a `data.batch.Batch`: final hidden states [b, s, h] on the last pipeline stage
-    (the activations for the next stage elsewhere). Positions are the batch's, else 0..s-1 per row."""
-    b, s = batch.tokens.shape
-    positions = batch.position_ids
-    if positions is None:
-        positions = torch.arange(s, device=batch.tokens.device).unsqueeze(0).expand(b, s)
-    extra = {}
-    if unwrap(net).config.num_moe_experts and unwrap(net).pre_process:
+    (the activations for the next stage elsewhere). What the model takes comes from its family's spec
+    (models/spec.py `forward_inputs`): the batch's positions, else each row's own (3-D MRoPE positions from
+    the image grids for Qwen3-VL), and the batch's images. A model built without a spec gets 0..s-1."""
+    gpt = unwrap(net)
+    spec = getattr(gpt, "prism_spec", None)
+    if spec is not None:
+        positions, extra = spec.forward_inputs(gpt.prism_arch, batch.tokens, batch.attention_mask, batch.position_ids,
+                                               batch.packed_seq_lengths, batch.pixel_values, batch.image_grid_thw)
+    else:
+        b, s = batch.tokens.shape
+        positions, extra = batch.position_ids, {}
+        if positions is None:
+            positions = torch.arange(s, device=batch.tokens.device).unsqueeze(0).expand(b, s)
+    if gpt.config.num_moe_experts and gpt.pre_process:
         extra["padding_mask"] = batch.attention_mask == 0  # padding stays out of the load-balancing loss
     return net(batch.tokens, positions, None, **extra)
 

@@ -9,18 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from prism_mcore.config import ModelConfig, ParallelConfig
+from prism_mcore.models.qwen3.memory import VOCAB_DIVISIBLE_BY, padded_vocab_size  # noqa: F401  (re-exported)
 from prism_mcore.platform import ensure_platform
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VOCAB_DIVISIBLE_BY = 128
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
-    """Megatron's convention: the embedding rows are a multiple of divisible_by * tp.
-
-    The extra rows are never real tokens; log-prob code masks them and HF export strips them."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def have_transformer_engine() -> bool:

@@ -28,7 +28,6 @@ pickled weights file) are one-line errors naming the file.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -218,34 +217,10 @@ def upcycle(dense_dir, out_dir, num_experts: int = 4, top_k: int = 2, noise_std:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prism upcycle",
-                                     description="Sparse-upcycle a dense HF Qwen3 checkpoint into HF Qwen3-MoE.")
-    parser.add_argument("--hf", required=True, metavar="DENSE_DIR", help="dense HF Qwen3 checkpoint directory")
-    parser.add_argument("--out", required=True, metavar="MOE_DIR", help="output HF Qwen3-MoE directory")
-    parser.add_argument("--num-experts", type=int, default=4)
-    parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--noise-std", type=float, default=0.01, help="absolute std of the expert noise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--router-std", type=float, default=0.02)
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="router_aux_loss_coef in config")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace MOE_DIR if it exists and is not empty (only once the new one is complete)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse has already printed usage; keep main() returning an int
-        return int(e.code or 0)
-    try:
-        out = upcycle(args.hf, args.out, num_experts=args.num_experts, top_k=args.topk, noise_std=args.noise_std,
-                seed=args.seed, router_std=args.router_std, router_aux_loss_coef=args.aux_loss_coef,
-                overwrite=args.overwrite)
-    except ValueError as e:  # CheckpointError included: one line naming the argument or the file
-        print(f"prism upcycle: {e}".splitlines()[0], file=sys.stderr)
-        return 2
-    cfg = json.loads((out / "config.json").read_text())
-    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
-    print(f"upcycled {args.hf} -> {out}: {cfg['num_hidden_layers']} layers x {args.num_experts} experts "
-          f"(top-{args.topk}), noise_std={args.noise_std}, seed={args.seed}, {len(shards)} shard(s)")
-    return 0
+    """`prism upcycle`: picks the family from the dense checkpoint's config.json (models/upcycle.py)."""
+    from prism_mcore.models.upcycle import main as upcycle_main
+
+    return upcycle_main(argv)
 
 
 if __name__ == "__main__":

@@ -121,21 +121,29 @@ def megatron_reader(arch: Qwen3VLArch, hf_get: Callable[[str, tuple], torch.Tens
 
 # ---- Megatron -> HF ------------------------------------------------------------------------------
 
-def hf_tensors(arch: Qwen3VLArch, key: str, layer: int | None, value: torch.Tensor,
-               expert_layout: str = RELEASED) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs for one Megatron tensor (or one layer of it: `value` without the layer axis)."""
+def hf_views(arch: Qwen3VLArch, key: str, layer: int | None, value: torch.Tensor, expert_layout: str = RELEASED
+             ) -> Iterator[tuple[str, torch.Tensor, tuple[int, ...]]]:
+    """(HF name, source, HF shape) for one Megatron tensor (or one layer of it: `value` without the layer
+    axis); `source.reshape(shape)` is the HF tensor, and sources are views of `value`."""
     _check_layout(expert_layout)
     if key.startswith(VISION_PREFIX):
-        yield HF_VISION_PREFIX + key[len(VISION_PREFIX):], value
+        yield HF_VISION_PREFIX + key[len(VISION_PREFIX):], value, tuple(value.shape)
         return
     if key in (EXPERT_FC1, EXPERT_FC2):
         gate_up_name, down_name = fused_expert_names(layer)
         # Megatron: fc1 [E, 2I, H] ([gate; up] rows), fc2 [E, H, I] -- transformers' layout already.
-        fused = value.transpose(1, 2).contiguous() if expert_layout == RELEASED else value
-        yield (gate_up_name if key == EXPERT_FC1 else down_name), fused
+        fused = value.transpose(1, 2) if expert_layout == RELEASED else value
+        yield (gate_up_name if key == EXPERT_FC1 else down_name), fused, tuple(fused.shape)
         return
-    for name, tensor in text_adapter.hf_tensors(arch.text, key, layer, value):
-        yield vl_text_name(name), tensor
+    for name, source, shape in text_adapter.hf_views(arch.text, key, layer, value):
+        yield vl_text_name(name), source, shape
+
+
+def hf_tensors(arch: Qwen3VLArch, key: str, layer: int | None, value: torch.Tensor,
+               expert_layout: str = RELEASED) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs for one Megatron tensor (or one layer of it: `value` without the layer axis)."""
+    for name, source, shape in hf_views(arch, key, layer, value, expert_layout):
+        yield name, source.reshape(shape).contiguous()
 
 
 def is_layered(key: str) -> bool:
