@@ -43,15 +43,29 @@ def wrap_ddp(model: torch.nn.Module, grad_reduce_in_fp32: bool = True, use_distr
 
 
 def build_optimizer(ddp_models: list, optim: OptimConfig, params_dtype: torch.dtype = torch.float32):
-    """AdamW through Megatron (the distributed optimizer shards its state over data-parallel ranks)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """AdamW through Megatron (the distributed optimizer shards its state over data-parallel ranks). Parameters
+    the model spec tagged with a learning-rate multiplier (`prism_lr_mult`, e.g. the vision tower's
+    `model.vision.lr_mult`) get a param group of their own with that `lr_mult`; frozen parameters
+    (requires_grad False) get none."""
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamPredicate
 
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                              clip_grad=optim.clip_grad, bf16=params_dtype == torch.bfloat16,
                              fp16=params_dtype == torch.float16, params_dtype=params_dtype,
                              use_distributed_optimizer=optim.use_distributed_optimizer)
-    return get_megatron_optimizer(config, ddp_models)
+    mults = sorted({getattr(p, "prism_lr_mult") for m in ddp_models for p in m.parameters()
+                    if p.requires_grad and hasattr(p, "prism_lr_mult")})
+    overrides = None  # Megatron's default groups (no weight decay on biases and 1-D parameters)
+    if mults:
+        overrides = get_standard_config_overrides(config)
+        for mult in mults:
+            key = ParamKey(predicate=ParamPredicate(name=f"lr_mult_{mult}",
+                                                    fn=lambda p, mult=mult: getattr(p, "prism_lr_mult", None) == mult))
+            overrides[key] = {"lr_mult": mult}
+    return get_megatron_optimizer(config, ddp_models, config_overrides=overrides)
 
 
 def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -136,7 +150,7 @@ def forward_backward(ddp_models: list, optimizer, forward_step: Callable, microb
     optimizer.zero_grad()
     if lr is not None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # build_optimizer's per-group multipliers
     return get_forward_backward_func()(
         forward_step_func=lambda data_iter, model: forward_step(next(data_iter), model), data_iterator=iter(microbatches),
         model=ddp_models, num_microbatches=num_microbatches, seq_length=seq_length,

@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
-from prism_mcore.checkpoint.hf_io import LazyCheckpoint, ShapeMismatch, ShardedWriter
+from prism_mcore.checkpoint.hf_io import LazyCheckpoint, ShapeMismatch
 from prism_mcore.models.qwen3_vl.config import Qwen3VLArch
-from prism_mcore.models.qwen3_vl.hf_adapter import (EXPERT_LAYOUTS, RELEASED, hf_shapes, hf_tensors, is_layered,
-                                                     megatron_reader)
-from prism_mcore.parallel.shards import assemble_pieces, load_full, local_shards
+from prism_mcore.models.qwen3_vl.hf_adapter import EXPERT_LAYOUTS, RELEASED, hf_shapes, megatron_reader
+from prism_mcore.parallel.shards import load_full
 
 
 def check_checkpoint(source: LazyCheckpoint, arch: Qwen3VLArch, expert_layout: str = RELEASED) -> None:
@@ -46,38 +44,14 @@ def load_hf_weights(model: torch.nn.Module, arch: Qwen3VLArch, hf_dir: str | Pat
     return load_full(model, megatron_reader(arch, source.get, expert_layout))
 
 
-def _one_layer(pieces: list, layer: int | None) -> list:
-    """(region, data) pieces restricted to one layer of a layered tensor, without the layer axis."""
-    if layer is None:
-        return pieces
-    out = []
-    for region, data in pieces:
-        if region[0].start <= layer < region[0].stop:
-            data = data.reshape(tuple(r.stop - r.start for r in region))[layer - region[0].start]
-            out.append((region[1:], data))
-    return out
-
-
 def write_hf(model: torch.nn.Module, arch: Qwen3VLArch, out_dir: str | Path, side_files: Iterable[Path] = (),
-             max_shard_bytes: int = 2 * 1024**3, expert_layout: str = RELEASED) -> None:
+             max_shard_bytes: int = 2 * 1024**3, expert_layout: str = RELEASED, overwrite: bool = False) -> None:
     """Collective: stream the model (at any layout) into an HF directory written by rank 0, gathering one
-    tensor (one layer of a layered tensor) at a time; `side_files` (config.json, tokenizer, processor
-    files) are copied in. MoE experts are written in `expert_layout` (Qwen's released one by default)."""
-    mine = [s for s in local_shards(model) if s.primary]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sorted({(s.key, s.global_shape) for s in mine}))
-    tensors = sorted(set().union(*map(set, everyone)))
-    writer = ShardedWriter(out_dir, max_shard_bytes) if dist.get_rank() == 0 else None
-    for key, shape in tensors:
-        for layer in (range(shape[0]) if is_layered(key) else [None]):
-            pieces = _one_layer([(s.region(), s.data) for s in mine if s.key == key], layer)
-            gathered: list | None = [None] * dist.get_world_size() if writer else None
-            dist.gather_object(pieces, gathered, dst=0)
-            if writer:
-                value = assemble_pieces(key, shape[1:] if layer is not None else shape,
-                                        [p for rank in gathered for p in rank])
-                for name, tensor in hf_tensors(arch, key, layer, value, expert_layout):
-                    writer.add(name, tensor)
-    if writer:
-        writer.close(list(side_files))
-    dist.barrier()
+    tensor (one layer of a layered tensor) at a time (checkpoint/hf_weights.py); `side_files` (config.json,
+    tokenizer, processor files) are copied in. MoE experts are written in `expert_layout` (Qwen's released
+    one by default)."""
+    from prism_mcore.checkpoint.hf_weights import write_hf as write_any
+    from prism_mcore.models.qwen3_vl.family import SPEC
+
+    write_any(model, SPEC, arch, "policy", out_dir, list(side_files), max_shard_bytes, overwrite=overwrite,
+              expert_layout=expert_layout)
