@@ -8,6 +8,7 @@ import pytest
 # Spawned trainer ranks and Ray workers import the helper modules of this folder by name.
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.append(os.path.join(os.path.dirname(HERE), "models"))  # the tiny Qwen3-VL checkpoints of vl_jobs.py
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # else Ray writes ~/.ray/auth_token

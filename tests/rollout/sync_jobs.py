@@ -8,19 +8,19 @@ DTYPE = "float32"
 
 
 def build_from_hf(hf_dir: str, layout: dict, extra: list[str] = ()):
-    """The Megatron model at `layout`, loaded from the HF checkpoint the engines also start from."""
-    from prism_mcore.checkpoint.hf_io import LazyCheckpoint
+    """The Megatron model at `layout` (of the checkpoint's family, through its spec), loaded from the HF
+    checkpoint the engines also start from."""
+    from prism_mcore.checkpoint.hf_weights import load_hf
     from prism_mcore.config import load_config
-    from prism_mcore.models.qwen3.hf_adapter import megatron_reader
-    from prism_mcore.models.qwen3.model import build_qwen3
+    from prism_mcore.models.spec import resolve
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.parallel.shards import load_full
 
     overrides = [f"model.hf_path={hf_dir}"] + [f"parallel.{k}={v}" for k, v in layout.items()] + list(extra)
     cfg = load_config(None, overrides)
     init_model_parallel(cfg)
-    model = build_qwen3(cfg.model, cfg.parallel)
-    load_full(model, megatron_reader(cfg.model, LazyCheckpoint(hf_dir).get))
+    spec, arch = resolve(cfg.model)
+    model = spec.build(arch, cfg.parallel)
+    load_hf(model, spec, arch, hf_dir)
     return cfg, model
 
 
