@@ -1,4 +1,4 @@
-"""JSON Lines read line by line, each line decoded on its own.
+"""JSON Lines read line by line, each line decoded on its own (and written atomically).
 
 Decoding the whole file at once lets one bad byte (a truncated multi-byte character, a Latin-1 export)
 kill every good line around it; here such a line is reported as `invalid_utf8` and the caller skips and
@@ -53,3 +53,28 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield lineno, None, INVALID_JSON
                 continue
             yield lineno, record, None
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """`write(tmp_path)` into a sibling temporary file, then rename it into place: a reader never sees half a
+    file, and a crash leaves the old one."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_jsonl(path: str | Path, rows) -> Path:
+    """One JSON object per line (UTF-8, non-ASCII kept), written atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return atomic_write(path, write)

@@ -5,6 +5,13 @@ Failure policy: a problem with a whole file (missing, not parquet, a required co
 seconds. A problem with one row (bad prompt, no ground truth, prompt too long, no teacher text) only
 drops that row; `dataset.skipped` counts drops by reason, so one bad row never kills a long run.
 
+Images: with `images=ImageProcessor` (the model takes images) the `images` column is required, each row's
+images (HF-datasets {bytes, path} structs as `datasets` writes an image list; bare bytes or paths also do,
+relative paths against the file's directory) fill the `<image>` placeholders of its prompt in order, and
+`prompt_ids` hold each image's expanded pads. A row with a missing, undecodable or too large image, or with
+placeholders and images differing in number, is skipped and counted by reason (data/images.py). Without a
+processor the column is kept as read, as before.
+
 Shuffled batches are a pure function of (seed, epoch), and the dataset remembers how far into the
 epoch it has handed out batches, so a run resumed from `state_dict()` sees the same next batches.
 """
@@ -20,6 +27,8 @@ from typing import Any, Iterator, Sequence
 
 from prism_mcore.algorithms.answer_match import is_missing_answer
 from prism_mcore.data.errors import DataError
+from prism_mcore.data.images import ImageError, ImageProcessor
+from prism_mcore.data.multimodal import VisionTokens, count_image_parts, expand_prompt, message_images, with_image_parts
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +51,11 @@ class RLExample:
     data_source: str
     teacher_caption: str | None = None
     teacher_cot: str | None = None
-    images: list = field(default_factory=list)  # kept for the multimodal processor
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    # With an ImageProcessor: the checked ImageSources, in the order of their pads in prompt_ids, and their
+    # grids; without one, the column's values as read.
+    images: list = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)  # image parts carry their ImageSource
+    image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     extra_info: dict[str, Any] | None = None
 
 
@@ -60,7 +72,8 @@ def _check_schema(path: Path, required: Sequence[str]) -> list[str]:
         raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     for name in required:
         if name not in schema.names:
-            raise DataError(f"{path}: missing required column '{name}'")
+            why = " (the model takes images: model.vision)" if name == "images" else ""
+            raise DataError(f"{path}: missing required column '{name}'{why}")
     reward_type = schema.field("reward_model").type
     if pa.types.is_struct(reward_type) and reward_type.get_field_index("ground_truth") < 0:
         raise DataError(f"{path}: column 'reward_model' has no field 'ground_truth'")
@@ -123,15 +136,19 @@ class RLDataset:
     generation header (`add_generation_prompt=True`), as the rollout engine will see them."""
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, max_prompt_length: int,
-                 require_teacher: bool = False):
+                 require_teacher: bool = False, images: ImageProcessor | None = None,
+                 image_base_path: str | None = None):
         paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
         if not paths:
             raise DataError("RL dataset: no parquet files given")
-        required = REQUIRED + (TEACHER if require_teacher else ())
+        required = REQUIRED + (TEACHER if require_teacher else ()) + (("images",) if images is not None else ())
         columns = [_check_schema(p, required) for p in paths]  # every file, before loading any
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.require_teacher = require_teacher
+        self.processor = images
+        self.image_base_path = image_base_path
+        self.vision_tokens = VisionTokens.from_tokenizer(tokenizer) if images is not None else None
         self.skipped: Counter = Counter()
         self.examples: list[RLExample] = []
         self._rows_seen = 0
@@ -156,7 +173,7 @@ class RLDataset:
             for r in range(batch.num_rows):
                 row = {name: values[r] for name, values in cols.items()}
                 index, self._rows_seen = self._rows_seen, self._rows_seen + 1
-                example, reason = self._parse_row(index, row)
+                example, reason = self._parse_row(index, row, str(path.parent))
                 if example is not None:
                     try:
                         text = self.tokenizer.apply_chat_template(example.messages, tokenize=False,
@@ -170,23 +187,52 @@ class RLDataset:
             # One batched encode per read: same ids as apply_chat_template(tokenize=True), much faster.
             ids = self.tokenizer([t for _, t in pending], add_special_tokens=False)["input_ids"] if pending else []
             for (example, _), prompt_ids in zip(pending, ids):
+                if self.processor is not None:
+                    try:  # a stray '<|image_pad|>' in the text is a count mismatch
+                        prompt_ids, _, example.image_grid_thw = expand_prompt(
+                            list(prompt_ids), example.images, self.processor, self.vision_tokens)
+                    except ImageError as e:
+                        self.skipped[e.reason] += 1
+                        continue
                 if len(prompt_ids) > self.max_prompt_length:
                     self.skipped["prompt_too_long"] += 1
                     continue
                 example.prompt_ids = list(prompt_ids)
                 self.examples.append(example)
 
-    def _parse_row(self, index: int, row: dict[str, Any]) -> tuple[RLExample | None, str | None]:
+    def _images(self, raw: Any, messages: list[dict], base_dir: str) -> tuple[list[dict] | None, str | None]:
+        """The prompt with its images in their places (ImageSource in image parts), or (None, reason)."""
+        raw = [] if raw is None else _as_json(raw) if isinstance(raw, str) and raw.startswith("[") else raw
+        if isinstance(raw, (dict, str, bytes)):  # one image, not in a list
+            raw = [raw]
+        if not isinstance(raw, list):
+            return None, "bad_images"
+        if count_image_parts(messages) != len(raw):  # before decoding anything
+            return None, "image_count_mismatch"
+        try:
+            sources = [self.processor.load(x, self.image_base_path or base_dir) for x in raw]
+            return with_image_parts(messages, sources), None
+        except ImageError as e:
+            return None, e.reason
+
+    def _parse_row(self, index: int, row: dict[str, Any], base_dir: str = ".") -> tuple[RLExample | None, str | None]:
         messages, reason = _parse_prompt(row.get("prompt"))
         if messages is None:
             return None, reason
+        if self.processor is not None:
+            try:
+                messages, reason = self._images(row.get("images"), messages, base_dir)
+            except json.JSONDecodeError:
+                messages, reason = None, "bad_images"
+            if messages is None:
+                return None, reason
         truth, equivalents, reason = _parse_reward(row.get("reward_model"))
         if truth is None:
             return None, reason
         teacher = {k: row.get(k) if isinstance(row.get(k), str) and row.get(k).strip() else None for k in TEACHER}
         if self.require_teacher and None in teacher.values():
             return None, "teacher_missing"
-        images = row.get("images")
+        images = message_images(messages) if self.processor is not None else row.get("images")
         extra = row.get("extra_info")
         return RLExample(index=index, prompt_ids=[], ground_truth=truth, equivalent_answers=equivalents,
                          data_source=str(row.get("data_source") or ""), images=list(images or []),

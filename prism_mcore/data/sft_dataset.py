@@ -3,8 +3,15 @@
 Accepted line formats (JSON Lines, or one JSON array of records):
 - plain: `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`;
 - LLaMA-Factory sharegpt: `{"conversations": [{"from": "human"|"gpt", "value": ...}], "system": ...}`,
-  where the system prompt may also be a first `{"from": "system"}` turn. `images` is ignored here
-  (text-only until the vision tower lands).
+  where the system prompt may also be a first `{"from": "system"}` turn.
+
+Images (LLaMA-Factory's sharegpt multimodal): a record's `images` list (paths, relative ones against the
+file's directory as LLaMA-Factory's media_dir, or HF-datasets {bytes, path} dicts) fills the `<image>`
+placeholders of its string contents (or its `{"type": "image"}` parts) in order. They are read only when the
+model takes images (`images=ImageProcessor`): then a row whose image is missing, undecodable or too large,
+or whose placeholders and images differ in number, is skipped and counted by reason (data/images.py), and a
+file in which no row has an `images` field is a DataError. Without a processor (a text model) the field is
+ignored and the text kept as it is, as before images existed.
 
 The loss covers each assistant turn's content and the `<|im_end|>` that closes it: that end token is
 what teaches the model to stop. The `<|im_start|>assistant\\n` header, the newline after the end
@@ -15,12 +22,15 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from prism_mcore.data.errors import DataError
+from prism_mcore.data.images import ImageError, ImageProcessor, ImageSource
 from prism_mcore.data.jsonl import first_char, read_jsonl
+from prism_mcore.data.multimodal import (VisionTokens, count_image_parts, expand_image_pads, message_images,
+                                         truncate_with_images, with_image_parts)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +42,10 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 @dataclass
 class SFTSample:
-    input_ids: list[int]
+    input_ids: list[int]  # image pads expanded (one per LLM token of each image)
     loss_mask: list[int]  # 1 where the token is a training target
+    images: list[ImageSource] = field(default_factory=list)  # in the order of their pads
+    image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)  # one per image, in patches
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -114,24 +126,57 @@ def _records(path: Path) -> Iterable[tuple[int, Any, str | None]]:
         yield i, item, None
 
 
-def load_chat_jsonl(path: str | Path) -> tuple[list[list[dict[str, Any]]], Counter]:
+def record_images(record: dict, messages: list[dict], images: ImageProcessor, base_dir: str
+                  ) -> tuple[list[dict] | None, str | None]:
+    """(messages whose image parts carry their checked ImageSource, None), or (None, reason)."""
+    raw = record.get("images")
+    raw = [] if raw is None else raw
+    if isinstance(raw, (str, dict)):  # one image given bare instead of in a list
+        raw = [raw]
+    if not isinstance(raw, list):
+        return None, "bad_images"
+    if count_image_parts(messages) != len(raw):  # before decoding anything
+        return None, "image_count_mismatch"
+    try:
+        return with_image_parts(messages, [images.load(x, base_dir) for x in raw]), None
+    except ImageError as e:
+        return None, e.reason
+
+
+def load_chat_jsonl(path: str | Path, images: ImageProcessor | None = None, image_base_path: str | None = None
+                    ) -> tuple[list[list[dict[str, Any]]], Counter]:
     """All usable conversations and a Counter of skipped lines by reason. A file with no usable line is
-    a DataError naming the file (usually the wrong file or the wrong format)."""
+    a DataError naming the file (usually the wrong file or the wrong format). With `images`, each record's
+    images are checked and put into its messages (`{"type": "image", "image": ImageSource}` parts); relative
+    paths are read against `image_base_path`, by default the file's directory."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: SFT file not found")
+    base_dir = image_base_path or str(path.parent)
     conversations, skipped = [], Counter()
-    first_bad = None
+    first_bad, with_images, ignored_images = None, 0, 0
     for lineno, record, error in _records(path):
         messages, error = (None, error) if error else normalize_record(record)
+        if messages is not None and isinstance(record, dict) and "images" in record:
+            with_images += 1
+            if images is not None:
+                messages, error = record_images(record, messages, images, base_dir)
+            elif record["images"]:
+                ignored_images += 1
         if messages is None:
             skipped[error] += 1
             first_bad = first_bad or f"line {lineno}: {error}"
             continue
         conversations.append(messages)
+    if images is not None and not with_images:
+        raise DataError(f"{path}: no row has an 'images' field, but the model takes images (model.vision); "
+                        f"for text-only chats train without images")
     if not conversations:
         detail = f"; first problem at {first_bad}" if first_bad else " (empty file)"
         raise DataError(f"{path}: no usable conversation: expected 'messages' or sharegpt 'conversations'{detail}")
+    if ignored_images:
+        logger.warning("%s: %d rows carry images, which a text model ignores (their <image> tags stay text)",
+                       path, ignored_images)
     if skipped:
         logger.warning("%s: skipped %d malformed lines (first at %s): %s", path, sum(skipped.values()), first_bad,
                        dict(skipped))
@@ -167,10 +212,15 @@ def assistant_char_spans(messages: Sequence[dict], tokenizer) -> tuple[str, list
     return text, spans
 
 
-def tokenize_chat(messages: Sequence[dict], tokenizer, max_length: int) -> SFTSample:
+def tokenize_chat(messages: Sequence[dict], tokenizer, max_length: int, images: ImageProcessor | None = None,
+                  tokens: VisionTokens | None = None) -> SFTSample:
     """Token ids exactly as `tokenizer.apply_chat_template(messages, tokenize=True)` gives them (the
     whole text is encoded at once, so no merge differs at turn boundaries), truncated to
-    `max_length`. A token is a target when it starts inside an assistant span."""
+    `max_length`. A token is a target when it starts inside an assistant span.
+
+    With image parts (`load_chat_jsonl(..., images=)`), each image's pad is expanded to its LLM tokens (never
+    targets), and truncation never cuts an image: images past the cut are dropped with their tokens. Raises
+    ImageError (image_count_mismatch) when the text holds image pads that no image fills."""
     text, spans = assistant_char_spans(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -179,28 +229,42 @@ def tokenize_chat(messages: Sequence[dict], tokenizer, max_length: int) -> SFTSa
         while j < len(spans) and start >= spans[j][1]:
             j += 1
         mask.append(int(j < len(spans) and spans[j][0] <= start))
-    return SFTSample(list(ids[:max_length]), mask[:max_length])
+    if images is None:
+        return SFTSample(list(ids[:max_length]), mask[:max_length])
+    tokens = tokens or VisionTokens.from_tokenizer(tokenizer)
+    sources = message_images(messages)
+    grids = [images.grid(s.width, s.height) for s in sources]
+    ids, mask = expand_image_pads(list(ids), grids, images, tokens, mask)
+    ids, mask, kept = truncate_with_images(ids, mask, len(sources), max_length, tokens)
+    return SFTSample(ids, mask, sources[:kept], grids[:kept])
 
 
 def tokenize_chats(conversations: Sequence[Sequence[dict]], tokenizer, max_length: int,
-                   source: str = "SFT data") -> tuple[list[SFTSample], Counter]:
+                   source: str = "SFT data", images: ImageProcessor | None = None) -> tuple[list[SFTSample], Counter]:
     """`tokenize_chat` for each conversation, without those left with no target token once truncated to
     `max_length` (the first assistant turn starts past it): they are counted in the Counter as `too_long`,
-    and a warning names how many. None left is a DataError naming `source` and the limit."""
+    and a warning names how many. None left is a DataError naming `source` and the limit. With `images`,
+    a conversation whose text holds stray image pads is counted as `image_count_mismatch`."""
     samples, dropped = [], Counter()
+    tokens = VisionTokens.from_tokenizer(tokenizer) if images is not None else None
     for messages in conversations:
-        sample = tokenize_chat(messages, tokenizer, max_length)
+        try:
+            sample = tokenize_chat(messages, tokenizer, max_length, images, tokens)
+        except ImageError as e:
+            dropped[e.reason] += 1
+            continue
         if sum(sample.loss_mask) > 0:
             samples.append(sample)
         else:
             dropped["too_long"] += 1
-    if conversations and not samples:
+    if conversations and not samples and set(dropped) == {"too_long"}:
         raise DataError(f"{source}: no conversation has an assistant token within {max_length} tokens "
                         f"(data.max_prompt_length + data.max_response_length)")
-    if dropped:
+    if conversations and not samples:
+        raise DataError(f"{source}: no usable conversation (dropped: {dict(dropped)})")
+    if dropped["too_long"]:
         logger.warning("%s: dropped %d of %d conversations with no assistant token within %d tokens",
                        source, dropped["too_long"], len(conversations), max_length)
+    if set(dropped) - {"too_long"}:
+        logger.warning("%s: dropped conversations: %s", source, dict(dropped))
     return samples, dropped
-
-
-# ---- batching
