@@ -100,8 +100,8 @@ def qwen3vl_processor(tok, ip):
     return ImagesOnly(image_processor=ip.hf, tokenizer=tok, video_processor=None)
 
 
-def chat(images, sizes=None):
-    user = "".join(f"Look <image> here, " for _ in images) + "how many shapes?"
+def chat(images):
+    user = "".join("Look <image> here, " for _ in images) + "how many shapes?"
     return [{"role": "system", "content": "Answer."}, {"role": "user", "content": user}]
 
 
