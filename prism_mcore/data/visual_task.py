@@ -235,7 +235,8 @@ def render(p: VisualProblem, blind: bool = False):
     for shape, colour, x, y in p.shapes:
         box = (x, y, x + 11, y + 11)
         (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=RGB[colour])
-    font = ImageFont.load_default(size=26)  # Pillow's bundled scalable font: no system fonts needed
+    # Pillow's bundled scalable font: no system fonts needed (loaded only for images with digits)
+    font = ImageFont.load_default(size=26) if p.digits else None
     for value, x, y in p.digits:
         draw.text((x + BLOCK / 2, y + BLOCK / 2), str(value), fill=DIGIT_COLOUR, font=font, anchor="mm")
     return image
