@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 # Files copied alongside the weights so that the exported directory is complete for release.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
-              "added_tokens.json", "preprocessor_config.json")
+              "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+              "video_preprocessor_config.json")
 # Exported trees are for release and sharing: readable by all (mkdtemp alone gives 0700 / 0600).
 FILE_MODE, DIR_MODE = 0o644, 0o755
 # First bytes of the two torch.save formats (zip archive, raw pickle protocol >= 2).

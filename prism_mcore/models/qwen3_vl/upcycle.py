@@ -29,7 +29,7 @@ from prism_mcore.checkpoint.hf_io import CheckpointError, atomic_dir, check_targ
 from prism_mcore.models.qwen3.upcycle import _EXTRA_FILES, _check_args, _dense_weight_map, _ShardWriter
 
 _MLP = re.compile(r"^model\.language_model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
-_SIDE = re.compile(r"^(preprocessor_config\.json|video_preprocessor_config\.json)$")
+_SIDE = re.compile(r"^(preprocessor_config\.json|processor_config\.json|video_preprocessor_config\.json)$")
 
 
 def _moe_config(raw: dict, num_experts: int, top_k: int, aux_coef: float):
