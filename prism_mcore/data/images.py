@@ -67,8 +67,8 @@ class ImageSource:
     def open(self):
         from PIL import Image
 
-        image = Image.open(io.BytesIO(self.data) if self.data is not None else self.path)
-        image.load()
+        with Image.open(io.BytesIO(self.data) if self.data is not None else self.path) as image:
+            image.load()  # the pixels stay usable after the file is closed
         return image
 
     def __repr__(self) -> str:  # never print the bytes
@@ -177,11 +177,11 @@ class ImageProcessor:
         try:
             with warnings.catch_warnings():  # our own limit decides, below PIL's warning level
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data) if data is not None else path)
-                width, height = image.size
-                if width * height > self.max_input_pixels:
-                    raise ImageError(IMAGE_TOO_LARGE, f"{width}x{height} > {self.max_input_pixels} pixels")
-                image.load()  # a truncated or corrupt file fails here, not in the middle of a training step
+                with Image.open(io.BytesIO(data) if data is not None else path) as image:
+                    width, height = image.size
+                    if width * height > self.max_input_pixels:
+                        raise ImageError(IMAGE_TOO_LARGE, f"{width}x{height} > {self.max_input_pixels} pixels")
+                    image.load()  # a truncated or corrupt file fails here, not in the middle of a training step
         except ImageError:
             raise
         except Image.DecompressionBombError as e:
