@@ -116,6 +116,18 @@ def expand_image_pads(ids: Sequence[int], grids: Sequence[Sequence[int]], proces
     return out, out_mask
 
 
+def collapse_image_pads(ids: Sequence[int], tokens: VisionTokens) -> list[int]:
+    """The inverse of `expand_image_pads`: one `<|image_pad|>` per run of them, i.e. a prompt as the chat
+    template renders it. What a vLLM engine takes with `multi_modal_data` (its processor expands the pad
+    itself), given `prompt_ids` that were expanded for the trainer."""
+    out = []
+    for i, t in enumerate(ids):
+        if t == tokens.image_pad and i > 0 and ids[i - 1] == tokens.image_pad:
+            continue
+        out.append(int(t))
+    return out
+
+
 def image_blocks(ids: Sequence[int], tokens: VisionTokens) -> list[tuple[int, int]]:
     """[start, end) of each image's `<|vision_start|> pads <|vision_end|>` block, in order."""
     blocks, i = [], 0

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from prism_mcore.data.images import ImageProcessor
-from prism_mcore.data.multimodal import (VisionTokens, encode_prompt, sft_batch, truncate_with_images,
-                                         with_image_parts)
+from prism_mcore.data.multimodal import (VisionTokens, collapse_image_pads, encode_prompt, sft_batch,
+                                         truncate_with_images, with_image_parts)
 from prism_mcore.data.sft_dataset import tokenize_chat
 from prism_mcore.data.tokenizer import qwen3_tokenizer
 
@@ -118,6 +118,8 @@ def test_expansion_equals_qwen3vl_processor(tok, sizes):
     assert ids == ref["input_ids"][0].tolist()
     assert [list(g) for g in grids] == (ref["image_grid_thw"].tolist() if sizes else [])
     assert sum(t == vt.image_pad for t in ids) == sum(t * h * w // 4 for t, h, w in grids)
+    # what an engine is given: the template's one pad per image
+    assert collapse_image_pads(ids, vt) == tok(text, add_special_tokens=False)["input_ids"]
     if sizes:
         assert torch.equal(ip(got_images).pixel_values, ref["pixel_values"])
     else:
