@@ -133,3 +133,46 @@ def test_oversized_layout_exits_1_with_one_line():
     peak = estimate_memory(load_config(REPO / "configs" / "cluster" / "qwen3_8b_sft.yaml",
                                        overrides)).peak
     assert peak > 80 * GiB
+
+
+@pytest.mark.parametrize("config", ["qwen3_vl_4b.yaml", "qwen3_vl_8b.yaml", "qwen3_vl_2b_4x_disc_warmup.yaml"])
+def test_vl_param_counts_match_transformers(config):
+    """Qwen3-VL(-MoE): the language model's counts plus the vision tower's (models/qwen3_vl/memory.py) equal
+    transformers' model built on the meta device from the config.json the spec writes for the cluster config."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from prism_mcore.models.qwen3_vl.memory import merger_params, trainable_vision_params, vision_params
+    from prism_mcore.models.spec import resolve
+
+    m = load_config(REPO / "configs" / "cluster" / config).model
+    spec, arch = resolve(m)
+    hf = spec.hf_config(arch)
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if arch.is_moe
+                             else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    with torch.device("meta"):
+        model = model_cls(config_cls(**{k: v for k, v in hf.items() if k != "transformers_version"}))
+    counts = param_counts(m)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    tower = model.model.visual
+    assert counts.extra == vision_params(m.vision.tower) == sum(p.numel() for p in tower.parameters())
+    mergers = sum(p.numel() for n, p in tower.named_parameters() if n.startswith(("merger.", "deepstack_merger")))
+    assert merger_params(m.vision.tower) == mergers == trainable_vision_params(m.vision.tower, "merger")
+
+
+def test_vision_tower_and_image_tokens_are_counted():
+    cfg = load_config(REPO / "configs" / "cluster" / "qwen3_vl_4b.yaml")
+    full = estimate_memory(cfg).models[0]
+    frozen = estimate_memory(load_config(REPO / "configs" / "cluster" / "qwen3_vl_4b.yaml",
+                                         ["model.vision.train=frozen"])).models[0]
+    text = estimate_memory(load_config(REPO / "configs" / "cluster" / "qwen3_vl_4b.yaml",
+                                       ["model.vision=null"])).models[0]
+    tower = param_counts(cfg.model).extra
+    assert 0.4e9 < tower < 0.45e9  # Qwen3-VL-4B's tower: ~0.42B parameters
+    assert full.weights - text.weights == frozen.weights - text.weights == tower * 2  # bf16, replicated over TP
+    assert full.grads - text.grads == tower * 4 and frozen.grads == text.grads  # frozen: no gradient buffer
+    assert full.activations > frozen.activations == text.activations
+    bigger = estimate_memory(load_config(REPO / "configs" / "cluster" / "qwen3_vl_4b.yaml",
+                                         ["model.vision.max_pixels=627200"])).models[0]  # 2x the pixels
+    assert bigger.activations - text.activations == pytest.approx(2 * (full.activations - text.activations), rel=1e-6)
