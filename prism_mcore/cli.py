@@ -8,9 +8,7 @@ import argparse
 import os
 import sys
 
-from prism_mcore.config import ConfigError, load_config
-from prism_mcore.data.errors import DataError as _DataError
-from prism_mcore.platform.multiproc import RankUserError
+from prism_mcore.config import load_config
 
 
 def _gpu_budget(cfg, given: float | None) -> float | None:
@@ -115,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, _DataError, RankUserError) as e:  # user errors (also from ranks): one line
+    except Exception as e:  # noqa: BLE001
+        # errors meant for the user carry an exit code (ConfigError, DataError, CheckpointError, a StageError or
+        # RankUserError from the ranks): one line; anything else is a bug and keeps its traceback
+        if not isinstance(getattr(e, "exit_code", None), int):
+            raise
         print(str(e).splitlines()[0], file=sys.stderr)
         return e.exit_code
 

@@ -26,8 +26,17 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete, loadable checkpoint under root, or None (see `newest_loadable`)."""
-    return newest_loadable(root)[0]
+    """The checkpoint to resume or convert from: what `newest_loadable` finds; None when root holds no
+    checkpoint at all. When every one is unusable, a CheckpointError names the newest one's problem (a run
+    never silently starts over from nothing past checkpoints it cannot read)."""
+    path, skipped = newest_loadable(root)
+    if path is None and any(bad.name != "latest" for bad, _ in skipped):
+        bad, why = next((b, w) for b, w in skipped if b.name != "latest")
+        from prism_mcore.checkpoint.hf_io import CheckpointError
+
+        raise CheckpointError(f"{why if why.startswith(str(bad)) else f'{bad}: {why}'} (no usable checkpoint "
+                              f"under {root}; move the broken ones away to start over)")
+    return path
 
 
 def _step_of(path: Path) -> int:
@@ -40,11 +49,14 @@ def _step_of(path: Path) -> int:
 def checkpoint_problem(path: Path) -> str | None:
     """Why the step directory `path` cannot be loaded, or None: its metadata must parse, and every shard
     file must hold the bytes its index says (a copy or save cut short leaves a truncated .distcp)."""
+    meta_path = path / META
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads(meta_path.read_text())
         int(meta["step"])
     except FileNotFoundError:
         return f"no {META} (a save that never finished)"
+    except json.JSONDecodeError as e:
+        return f"{meta_path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})"
     except (ValueError, KeyError, TypeError, OSError):
         return f"{META} is not valid checkpoint metadata"
     try:
@@ -64,16 +76,22 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def newest_loadable(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(the newest step directory under root that passes `checkpoint_problem`, [(newer ones skipped, why)]).
-    The `latest` pointer only names the newest save; a corrupt pointer is reported and otherwise ignored."""
+    """(the checkpoint `latest` names if it passes `checkpoint_problem`, else the newest step directory that
+    does; [(those skipped, why)]). A corrupt `latest` pointer is reported and otherwise ignored."""
     root = Path(root)
     skipped: list[tuple[Path, str]] = []
     pointer = root / "latest"
+    named = None
     if pointer.exists():
-        named = pointer.read_text(errors="replace").strip()
-        if not (named.startswith("step_") and (root / named).is_dir()):
-            skipped.append((pointer, f"does not name a checkpoint ({named[:40]!r})"))
-    for path in sorted(root.glob("step_*"), key=_step_of, reverse=True):
+        text = pointer.read_text(errors="replace").strip()
+        if text.startswith("step_") and "/" not in text and (root / text).is_dir():
+            named = root / text
+        else:
+            skipped.append((pointer, f"does not name a checkpoint ({text[:40]!r})"))
+    candidates = sorted(root.glob("step_*"), key=_step_of, reverse=True)
+    if named is not None:
+        candidates = [named] + [c for c in candidates if c != named]
+    for path in candidates:
         problem = checkpoint_problem(path)
         if problem is None:
             return path, skipped

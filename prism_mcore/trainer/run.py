@@ -91,12 +91,13 @@ class Checkpointer:
         """Collective. The newest checkpoint that passes the file checks (a corrupt `latest`, a truncated
         shard or a broken prism_meta.json falls back to the step before, with a warning), checked against
         this run (another stage or another model shape: ConfigError) and loaded."""
-        from prism_mcore.checkpoint.dist_ckpt import load_checkpoint, newest_loadable
+        from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, newest_loadable
 
-        path, skipped = newest_loadable(self.root)
+        _, skipped = newest_loadable(self.root)
         if is_rank0():
             for bad, why in skipped:
                 announce(f"warning: skipping checkpoint {bad}: {why}")
+        path = latest_checkpoint(self.root)  # none usable among several: a one-line error, not a fresh start
         if path is None:
             return None
         import json

@@ -128,9 +128,9 @@ def check_output_dir(cfg: PrismConfig) -> None:
     import json
     from pathlib import Path
 
-    from prism_mcore.checkpoint.dist_ckpt import newest_loadable
+    from prism_mcore.checkpoint.dist_ckpt import latest_checkpoint
     from prism_mcore.trainer.run import check_resumable
 
-    path, _ = newest_loadable(Path(cfg.trainer.output_dir) / "checkpoints")
+    path = latest_checkpoint(Path(cfg.trainer.output_dir) / "checkpoints")
     if path is not None:
         check_resumable(json.loads((path / "prism_meta.json").read_text()), cfg, path, warn=False)
