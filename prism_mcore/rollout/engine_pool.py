@@ -266,8 +266,9 @@ class EnginePool:
         finally:
             self.wake_up()
 
-    def score(self, sequences: Sequence[Sequence[int]], engine: int = 0) -> list[list[float]]:
-        return self._get([self.actors[engine].score.remote(list(map(list, sequences)))], "score", None)[0]
+    def score(self, sequences: Sequence[Sequence[int] | Prompt], engine: int = 0) -> list[list[float]]:
+        sequences = [s if isinstance(s, Prompt) else list(s) for s in sequences]
+        return self._get([self.actors[engine].score.remote(sequences)], "score", None)[0]
 
     # ---- generation -----------------------------------------------------------------------------------
 

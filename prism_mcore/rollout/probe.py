@@ -27,8 +27,9 @@ class LogprobMismatch(RuntimeError):
 
 @dataclass
 class Probe:
-    """A fixed batch and the trainer's log p(token_t | tokens_<t), t = 1..len-1, for each sequence."""
-    sequences: list[list[int]]
+    """A fixed batch and the trainer's log p(token_t | tokens_<t), t = 1..len-1, for each sequence. A sequence
+    is token ids, or an engine Prompt with its images (its log-probs are those of the expanded sequence)."""
+    sequences: list
     trainer_logprobs: list[list[float]]
     dtype: str = "float32"
 

@@ -199,14 +199,29 @@ class VLLMEngine(RolloutEngine):
             results.append(GenerationResult(completions, self.engine_id, self._version))
         return results
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+    def score(self, sequences: Sequence[Sequence[int] | Prompt]) -> list[list[float]]:
+        """A sequence is token ids, or a Prompt with images (its ids collapsed, one pad per image): the
+        log-probs are then those of the sequence as the model sees it, image pads expanded."""
         from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
 
         self._check_ready(None)
         vparams = VllmParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outs = self._run([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], vparams)
-        return [[out.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))] for out, s in zip(outs, sequences)]
+        prompts = []
+        for s in sequences:
+            if isinstance(s, Prompt):
+                prompt = TokensPrompt(prompt_token_ids=list(s.token_ids))
+                if s.multi_modal_data:
+                    prompt["multi_modal_data"] = s.multi_modal_data
+            else:
+                prompt = TokensPrompt(prompt_token_ids=list(s))
+            prompts.append(prompt)
+        outs = self._run(prompts, vparams)
+        scored = []
+        for out in outs:
+            ids = list(out.prompt_token_ids)
+            scored.append([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+        return scored
 
     # ---- staged weight update -----------------------------------------------------------------------
 

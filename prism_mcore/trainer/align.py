@@ -60,14 +60,17 @@ def run_align(cfg: PrismConfig) -> dict:
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.models.discriminator import build_discriminator
     from prism_mcore.trainer.disc_update import score_groups, update_discriminator
-    from prism_mcore.trainer.engines import Rollouts, held_out, should_eval
+    from prism_mcore.trainer.engines import Rollouts, evaluate_all, held_out, should_eval
+    from prism_mcore.trainer.images import StageImages
     from prism_mcore.trainer.policy_update import rollout_batch, update_policy
     from prism_mcore.trainer.run import StageRun, build_policy, export_hf, load_hf_weights
     from prism_mcore.trainer.step import StepRunner, trainable
 
     tok = qwen3_tokenizer()
-    data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length, require_teacher=True)
-    val = held_out(cfg, tok)
+    images = StageImages.of(cfg, tok)
+    data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length,
+                     images=images.processor if images is not None else None, require_teacher=True)
+    val = held_out(cfg, tok, images)
     d_cfg = _discriminator_cfg(cfg)
     init_layout(cfg, d_cfg)
     policy = trainable(build_policy(cfg), cfg.optim)
@@ -80,7 +83,7 @@ def run_align(cfg: PrismConfig) -> dict:
     if run.resumed and run.resumed.get("data"):
         data.load_state_dict(run.resumed["data"])
     runner = StepRunner(cfg.data.micro_batch_tokens, tok.pad_token_id)
-    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_rows=[e.prompt_ids for e in data.examples[:2]])
+    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_examples=data.examples[:2], images=images)
     a, n = cfg.algorithm, cfg.rollout.n
     batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
@@ -88,24 +91,27 @@ def run_align(cfg: PrismConfig) -> dict:
         if run.start:
             engines.sync(policy, run.start)
         if val and run.start == 0 and cfg.trainer.eval_at_start:
-            run.log(0, engines.evaluate(val, step=-1))
+            run.log(0, evaluate_all(engines, val, step=-1))
         for step in run.steps():
             examples = next(batches)
             rollouts = engines.sample(examples, step)
             built = [group_inputs(e, g, tok, cfg.data.max_response_length) for e, g in zip(examples, rollouts)]
             inputs = [b[0] for b in built]
             valid = torch.tensor([b[1] for b in built], dtype=torch.bool)  # [groups, n]
-            scores = score_groups(disc, inputs, tok.pad_token_id, cfg.data.micro_batch_tokens)
+            group_images = [e.images for e in examples]
+            scores = score_groups(disc, inputs, tok.pad_token_id, cfg.data.micro_batch_tokens, images, group_images)
             clipped = clip_scores(scores, a.score_clip, a.score_clip_mode)
             s_p, s_r = clipped[:, :n], clipped[:, n:2 * n]
             t_p, t_r = clipped[:, 2 * n], clipped[:, 2 * n + 1]
             advantages, adv_stats = prism_advantages(
                 s_p.reshape(-1), s_r.reshape(-1), valid.reshape(-1), consecutive_groups(valid.numel(), n),
                 alpha=a.caption_weight, format_penalty=a.format_penalty, gate_by_format=a.gate_by_format)
-            d_stats = update_discriminator(disc, cfg, inputs, valid, tok.pad_token_id, step)
-            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
+            d_stats = update_discriminator(disc, cfg, inputs, valid, tok.pad_token_id, step, images, group_images)
+            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id, images,
+                                  [e.images for e in examples])
             update = update_policy(policy, cfg, batch, advantages, step, runner)
             sync = engines.sync(policy, step + 1)
+            probe = {} if sync.probe_error is None else {"probe_error": sync.probe_error}
             flat = [r for group in rollouts for r in group]
             v = valid.float()
             gap_p = float(((t_p[:, None] - s_p) * v).sum() / v.sum().clamp(min=1))
@@ -114,10 +120,10 @@ def run_align(cfg: PrismConfig) -> dict:
                     "teacher_score": float((t_p + t_r).mean() / 2), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat),
                     "response_len": sum(len(r.token_ids) for r in flat) / len(flat),
-                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **update, **d_stats,
+                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **update, **d_stats, **probe,
                     **{k: float(x) for k, x in adv_stats.items()}}
             if val and should_eval(cfg, step + 1):
-                last.update(engines.evaluate(val, step=step + 1))
+                last.update(evaluate_all(engines, val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict(), "discriminator": d_cfg.model.model_dump()},
                          f"gap {last['score_gap']:+.2f} d_loss {last['d_loss']:.3f} acc {last['accuracy']:.2f}",
                          bad=update["nonfinite_updates"] > 0 or bool(d_stats["d_nonfinite"]))

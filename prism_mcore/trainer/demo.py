@@ -1,13 +1,17 @@
-"""The embedded CPU demo (`make demo`): the whole PRISM recipe on a tiny Qwen3 policy, from nothing.
+"""The embedded CPU demo (`make demo`): the whole PRISM recipe on a tiny Qwen3-VL policy, from nothing
+(`--text`: the same on a tiny text Qwen3 and the text task).
 
-  data     synthetic verifiable problems, teacher demonstrations, warm-up pairs, RL and held-out sets
+  data     the synthetic visual task (PIL scenes whose answer needs the image: counts, colours, digits,
+           positions), teacher demonstrations whose caption describes the image, warm-up pairs, RL and
+           held-out sets, and the held-out set's image-blind twin (blank images)
   sft      tiny policy (real Qwen3 vocabulary) <- teacher demonstrations             TP2
   warm-up  SFT policy --upcycle--> 4-expert MoE discriminator, pairwise Bradley-Terry  TP2 + SP
   align    PRISM: policy vs discriminator, rollouts from a vLLM engine              TP2 + TP2/SP
   grpo     verifiable reward, from the aligned policy          (PRISM arm)
   baseline verifiable reward, from the SFT policy, align + grpo steps (same budget)
-Each stage is one `prism train` run of `configs/demo/<stage>.yaml`; a stage whose output is complete is
-skipped on a re-run. The report (table + PNG) is built from the stages' metrics.jsonl files.
+Each stage is one `prism train` run of `configs/demo_vl/<stage>.yaml` (`configs/demo/` for --text); a stage
+whose output is complete is skipped on a re-run. The report (table + PNG) is built from the stages'
+metrics.jsonl files; for the visual task it adds perception (caption) accuracy and the image-blind level.
 """
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
 class DemoPlan:
     out: Path
+    text: bool = False  # the text task on a text Qwen3 (the demo before images)
     # One demonstration per SFT sample (1,000 steps x 8): repeats teach a tiny model little (6,400
     # samples drawn from 2,000 problems reach about half the accuracy of 6,000 problems; docs/pipeline.md)
     num_sft: int = 8000
@@ -32,6 +37,10 @@ class DemoPlan:
     difficulties: tuple[int, ...] = (0, 1)  # equal shares; 0 = one arithmetic step, 1 = two or three
     # "STAGE.key=value" overrides (STAGE: sft, disc_warmup, align, grpo, baseline, or all)
     overrides: list[str] = field(default_factory=list)
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIGS / ("demo" if self.text else "demo_vl")
 
     def stage_overrides(self, stage: str) -> list[str]:
         picked = []
@@ -45,24 +54,36 @@ class DemoPlan:
 
 def write_data(plan: DemoPlan) -> dict[str, Path]:
     """Disjoint seeds: the held-out problems are never trained on (identical questions can still recur,
-    the task has a finite number of them at difficulty 1)."""
-    from prism_mcore.data.synthetic import make_problems, write_rl_parquet, write_sft_jsonl, write_warmup_jsonl
+    the task has a finite number of them). The visual task's held-out set has an image-blind twin."""
+    if plan.text:
+        from prism_mcore.data import synthetic as task
+        from prism_mcore.data.synthetic import write_rl_parquet, write_sft_jsonl, write_warmup_jsonl
+    else:
+        from prism_mcore.data import visual_task as task
+        from prism_mcore.data.visual_writers import write_rl_parquet, write_sft_jsonl, write_warmup_jsonl
 
     def problems(n: int, seed: int):
         """Equal shares of each difficulty, interleaved."""
         share = -(-n // len(plan.difficulties))
-        per_level = [make_problems(share, seed, level) for level in plan.difficulties]
+        per_level = [task.make_problems(share, seed, level) for level in plan.difficulties]
         return [p for group in zip(*per_level) for p in group][:n]
 
     d = plan.out / "data"
     files = {"sft": d / "sft.jsonl", "pairs": d / "warmup_pairwise.jsonl", "rl": d / "rl.parquet",
              "val": d / "val.parquet"}
+    if not plan.text:
+        files["val_blind"] = d / "val_blind.parquet"
     if all(f.exists() for f in files.values()):
         return files
     write_sft_jsonl(problems(plan.num_sft, seed=10), files["sft"])
     write_warmup_jsonl(problems(plan.num_pairs, seed=11), files["pairs"], seed=12)
     write_rl_parquet(problems(plan.num_rl, seed=13), files["rl"])
-    write_rl_parquet(problems(plan.num_val, seed=99), files["val"], with_teacher=False)
+    if plan.text:
+        write_rl_parquet(problems(plan.num_val, seed=99), files["val"], with_teacher=False)
+    else:
+        from prism_mcore.data.visual_writers import write_heldout
+
+        write_heldout(problems(plan.num_val, seed=99), files["val"])  # and val_blind.parquet beside it
     return files
 
 
@@ -76,9 +97,9 @@ def _stage(plan: DemoPlan, name: str, config: str, overrides: list[str], console
         console.print(f"[dim]{name}: done already ({out / 'hf'})[/dim]")
         return out
     args = [f"trainer.output_dir={out}", *overrides, *plan.stage_overrides(name)]
-    cfg = load_config(CONFIG_DIR / config, args)
+    cfg = load_config(plan.config_dir / config, args)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(shlex.join(["prism", "train", str(CONFIG_DIR / config), *args]) + "\n")
+    (out / "command.txt").write_text(shlex.join(["prism", "train", str(plan.config_dir / config), *args]) + "\n")
     console.rule(f"{name}: {cfg.trainer.stage}, {cfg.trainer.steps} steps")
     t0 = time.monotonic()
     train(cfg)
@@ -89,13 +110,14 @@ def _stage(plan: DemoPlan, name: str, config: str, overrides: list[str], console
 def run_pipeline(plan: DemoPlan) -> dict:
     from rich.console import Console
 
-    from prism_mcore.models.qwen3.upcycle import upcycle
+    from prism_mcore.models.upcycle import upcycle
     from prism_mcore.trainer.report import build_report
 
     console = Console()
     t0 = time.monotonic()
     files = write_data(plan)
-    val = [f"data.val_files=[{files['val']}]"]
+    val_files = [files["val"]] + ([files["val_blind"]] if "val_blind" in files else [])
+    val = [f"data.val_files=[{','.join(map(str, val_files))}]"]
     sft = _stage(plan, "sft", "sft.yaml", [f"data.train_files=[{files['sft']}]"], console)
     disc_init = plan.out / "disc_init"
     if not (disc_init / "config.json").exists():
@@ -109,8 +131,8 @@ def run_pipeline(plan: DemoPlan) -> dict:
                                        "trainer.eval_at_start=false", *val], console)
     from prism_mcore.config import load_config
 
-    align_steps = load_config(CONFIG_DIR / "align.yaml", plan.stage_overrides("align")).trainer.steps
-    grpo_steps = load_config(CONFIG_DIR / "grpo.yaml", plan.stage_overrides("grpo")).trainer.steps
+    align_steps = load_config(plan.config_dir / "align.yaml", plan.stage_overrides("align")).trainer.steps
+    grpo_steps = load_config(plan.config_dir / "grpo.yaml", plan.stage_overrides("grpo")).trainer.steps
     _stage(plan, "baseline", "grpo.yaml", [f"model.hf_path={sft / 'hf'}", f"data.train_files=[{files['rl']}]",
                                            "trainer.eval_at_start=false", f"trainer.steps={align_steps + grpo_steps}",
                                            *val], console)
@@ -126,10 +148,10 @@ def run_pipeline(plan: DemoPlan) -> dict:
     return report
 
 
-def run_demo(out: str | Path, overrides: list[str], quick: bool = False) -> int:
-    plan = DemoPlan(Path(out), overrides=list(overrides))
+def run_demo(out: str | Path, overrides: list[str], quick: bool = False, text: bool = False) -> int:
+    plan = DemoPlan(Path(out), text=text, overrides=list(overrides))
     if quick:  # a smoke run of every stage (tests): a few steps each, small data
-        plan = DemoPlan(Path(out), num_sft=64, num_pairs=16, num_rl=16, num_val=4, overrides=[
+        plan = DemoPlan(Path(out), text=text, num_sft=64, num_pairs=16, num_rl=16, num_val=4, overrides=[
             "sft.trainer.steps=2", "disc_warmup.trainer.steps=2", "align.trainer.steps=1", "grpo.trainer.steps=1",
             "all.rollout.max_tokens=16", "all.rollout.n=2", "all.data.global_batch_size=2", *overrides])
     report = run_pipeline(plan)

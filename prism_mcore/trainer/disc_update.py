@@ -52,10 +52,14 @@ def pieces_of(inputs: GroupInputs, token_budget: int) -> list[tuple[int, int]]:
     return out
 
 
-def alignment_batch(inputs: list[GroupInputs], pad_id: int, token_budget: int, valid: torch.Tensor | None = None):
+def alignment_batch(inputs: list[GroupInputs], pad_id: int, token_budget: int, valid: torch.Tensor | None = None,
+                    images=None, group_images=()):
     """Every group's pieces as units of one Batch. Per-row extras: role (above), group, rollout (-1 for
-    the teacher's rows) and, for training, the format validity of each student row's rollout."""
+    the teacher's rows) and, for training, the format validity of each student row's rollout. With images
+    (a StageImages), every row of group g carries `group_images[g]` (the prompt's), as the original scores
+    each segment with the prompt's image."""
     from prism_mcore.data.batch import Batch, right_padded
+    from prism_mcore.trainer.images import attach_images
 
     rows, unit, role, group, rollout = [], [], [], [], []
     for g, inp in enumerate(inputs):
@@ -70,7 +74,8 @@ def alignment_batch(inputs: list[GroupInputs], pad_id: int, token_budget: int, v
     extra = {"role": torch.tensor(role), "group": torch.tensor(group), "rollout": torch.tensor(rollout)}
     if valid is not None:
         extra["valid"] = torch.tensor([bool(valid[g, r]) if r >= 0 else False for g, r in zip(group, rollout)])
-    return Batch(tokens=tokens, attention_mask=mask, unit=torch.tensor(unit), extra=extra)
+    batch = Batch(tokens=tokens, attention_mask=mask, unit=torch.tensor(unit), extra=extra)
+    return attach_images(batch, images, [group_images[g] for g in group] if images is not None else [])
 
 
 def _next_unit(units: list[int]) -> int:
@@ -93,16 +98,18 @@ def comparisons(scores: torch.Tensor, batch) -> tuple[torch.Tensor, ...]:
             scores[tp.to(dev)], scores[tr.to(dev)])
 
 
-def score_groups(disc, inputs: list[GroupInputs], pad_id: int, token_budget: int) -> torch.Tensor:
+def score_groups(disc, inputs: list[GroupInputs], pad_id: int, token_budget: int, images=None,
+                 group_images=()) -> torch.Tensor:
     """Collective: scores [num_groups, 2n + 2] (captions, reasonings, teacher caption, teacher reasoning),
     raw (unclipped), on every rank."""
     from prism_mcore.models.discriminator import sequence_scores
+    from prism_mcore.trainer.disc_warmup import discriminator_forward
     from prism_mcore.trainer.step import StepRunner
 
-    batch = alignment_batch(inputs, pad_id, token_budget)
+    batch = alignment_batch(inputs, pad_id, token_budget, images=images, group_images=group_images)
 
     def score(net, micro):
-        out = net(micro.tokens, micro.attention_mask)
+        out = discriminator_forward(net, micro)
         return out, lambda token_scores: {"score": sequence_scores(token_scores, micro.attention_mask)}
 
     per_row = StepRunner(token_budget, pad_id).forward(disc, batch, score)["score"]
@@ -130,8 +137,10 @@ class AlignmentObjective:
         from prism_mcore.algorithms.discriminator_loss import alignment_discriminator_loss, clip_scores
         from prism_mcore.models.discriminator import sequence_scores
 
+        from prism_mcore.trainer.disc_warmup import discriminator_forward
+
         a = self.a
-        out = net(batch.tokens, batch.attention_mask)
+        out = discriminator_forward(net, batch)
 
         def loss_fn(token_scores):
             sp, sr, tp, tr = comparisons(sequence_scores(token_scores, batch.attention_mask), batch)
@@ -151,12 +160,13 @@ class AlignmentObjective:
 
 
 def update_discriminator(disc, cfg: PrismConfig, inputs: list[GroupInputs], valid: torch.Tensor, pad_id: int,
-                         step: int) -> dict:
+                         step: int, images=None, group_images=()) -> dict:
     """Collective: one optimizer step of the alignment Bradley-Terry loss. `valid` [groups, n] is format
     validity; malformed rollouts only enter the score regularizer. Returns metrics (same on every rank)."""
     from prism_mcore.trainer.step import StepRunner, lr_at
 
-    batch = alignment_batch(inputs, pad_id, cfg.data.micro_batch_tokens, valid=valid)
+    batch = alignment_batch(inputs, pad_id, cfg.data.micro_batch_tokens, valid=valid, images=images,
+                            group_images=group_images)
     if disc.net.post_process:
         disc.net.head_dropout.reseed(step)
     num_valid = int(valid.sum())

@@ -70,23 +70,33 @@ class Scored:
 class Rollouts:
     """Every rank holds one; only rank 0 talks to the engines, the others receive what it sampled."""
 
-    def __init__(self, cfg: PrismConfig, tokenizer, model_dir: str, runner=None, probe_rows=()):
-        """`runner` (the stage's StepRunner) and `probe_rows` (fixed token rows, the same on every rank) make
-        the log-prob probe that runs after every `rollout.probe_every`-th weight sync."""
-        self.cfg, self.tok = cfg, tokenizer
-        self.runner, self.probe_rows = runner, [list(r) for r in probe_rows if len(r) > 1]
-        if cfg.rollout.probe_every and (runner is None or not self.probe_rows):
-            raise ValueError("rollout.probe_every needs probe rows and the stage's step runner")
+    def __init__(self, cfg: PrismConfig, tokenizer, model_dir: str, runner=None, probe_examples=(), images=None):
+        """`runner` (the stage's StepRunner) and `probe_examples` (fixed examples of the training data, the same
+        on every rank: their prompts are the probe's rows) make the log-prob probe that runs after every
+        `rollout.probe_every`-th weight sync. `images` (a trainer.images.StageImages) for a Qwen3-VL run:
+        prompts go to the engines with their images."""
+        self.cfg, self.tok, self.images = cfg, tokenizer, images
+        self.runner = runner
+        self.probe_examples = [e for e in probe_examples if len(e.prompt_ids) > 1]
+        if cfg.rollout.probe_every and (runner is None or not self.probe_examples):
+            raise ValueError("rollout.probe_every needs probe examples and the stage's step runner")
         self.pool = start_pool(cfg, model_dir) if dist.get_rank() == 0 else None
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
         self.endpoints = holder[0]
 
+    def prompt(self, example):
+        """The engine's prompt of an example: its ids, with its images for a Qwen3-VL run."""
+        from prism_mcore.rollout.engine import Prompt
+
+        return Prompt(example.prompt_ids) if self.images is None else \
+            self.images.engine_prompt(example.prompt_ids, example.images)
+
     def sample(self, examples, step: int, n: int | None = None, greedy: bool = False) -> list[list[Scored]]:
         """Collective: `n` rollouts per example (rollout.n by default), scored by the verifiable reward.
         Sampling is seeded by (trainer.seed, step), so a resumed run draws what the first run drew."""
         from prism_mcore.algorithms.reward import compute_rewards
-        from prism_mcore.rollout.engine import Prompt, SamplingParams
+        from prism_mcore.rollout.engine import SamplingParams
 
         shared = [None]
         if self.pool:
@@ -96,7 +106,7 @@ class Rollouts:
             if greedy:
                 overrides.update(temperature=0.0, top_p=1.0, seed=None)
             params = SamplingParams.from_config(self.cfg.rollout, **overrides)
-            results = self.pool.generate([Prompt(e.prompt_ids) for e in examples], params, step=step)
+            results = self.pool.generate([self.prompt(e) for e in examples], params, step=step)
             texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for r in results for c in r.completions]
             truths = [e.ground_truth for e in examples for _ in range(n)]
             equivalents = [e.equivalent_answers for e in examples for _ in range(n)]
@@ -106,33 +116,48 @@ class Rollouts:
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
 
-    def evaluate(self, examples, step: int) -> dict:
-        """Collective: greedy accuracy and format rate on held-out examples."""
+    def evaluate(self, examples, step: int, prefix: str = "eval_") -> dict:
+        """Collective: greedy accuracy and format rate on held-out examples; for rows whose image facts are
+        known (the synthetic visual task), perception accuracy too: is the caption right, apart from the
+        answer (algorithms/perception.py)."""
+        from prism_mcore.algorithms.perception import perception_accuracy
+        from prism_mcore.data.visual_writers import facts_of
+
         rollouts = [r[0] for r in self.sample(examples, step, n=1, greedy=True)]
-        return {"eval_accuracy": sum(r.acc for r in rollouts) / len(rollouts),
-                "eval_format": sum(r.fmt for r in rollouts) / len(rollouts),
-                "eval_response_len": sum(len(r.token_ids) for r in rollouts) / len(rollouts)}
+        out = {f"{prefix}accuracy": sum(r.acc for r in rollouts) / len(rollouts),
+               f"{prefix}format": sum(r.fmt for r in rollouts) / len(rollouts),
+               f"{prefix}response_len": sum(len(r.token_ids) for r in rollouts) / len(rollouts)}
+        facts = [facts_of(getattr(e, "extra_info", None)) for e in examples]
+        if all(f is not None for f in facts):
+            texts = [self.tok.decode(r.token_ids, skip_special_tokens=True) for r in rollouts]
+            out.update({f"{prefix}{k}": v for k, v in perception_accuracy(texts, facts).items()})
+        return out
 
     def sync(self, policy, version: int):
         """Collective: the trained policy's (a Trainable) weights into every engine, as weight version
         `version`; on every `rollout.probe_every`-th version the engines must then reproduce the trainer's
-        log-probs of the probe rows (LogprobMismatch otherwise, on every rank)."""
+        log-probs of the probe prompts (LogprobMismatch otherwise, on every rank)."""
         from prism_mcore.rollout.weight_sync import sync_weights
 
         # bucket size, transport, zero-copy, timeouts and probe_every from cfg.rollout
         return sync_weights(policy.net, self.cfg.model, self.endpoints, version, step=version,
-                            rollout_cfg=self.cfg.rollout, probe=(lambda: self.probe(policy)) if self.probe_rows else None)
+                            rollout_cfg=self.cfg.rollout,
+                            probe=(lambda: self.probe(policy)) if self.probe_examples else None)
 
     def probe(self, policy):
-        """Collective: the probe rows and the trainer's log-probs of each of their tokens after the first."""
+        """Collective: the probe prompts (with their images) and the trainer's log-probs of each of their tokens
+        after the first, image pads included, as the engine scores them."""
         from prism_mcore.data.batch import next_token_batch
         from prism_mcore.rollout.probe import Probe
+        from prism_mcore.trainer.images import attach_images
         from prism_mcore.trainer.policy_update import sequence_logprobs
 
-        rows = self.probe_rows
+        rows = [list(e.prompt_ids) for e in self.probe_examples]
         batch = next_token_batch(rows, [[1.0] * (len(r) - 1) for r in rows], self.tok.pad_token_id)
+        batch = attach_images(batch, self.images, [e.images for e in self.probe_examples])
         logp = sequence_logprobs(self.runner, policy, batch, self.cfg.model.vocab_size)
-        return Probe(rows, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=self.cfg.model.dtype)
+        sequences = rows if self.images is None else [self.prompt(e) for e in self.probe_examples]
+        return Probe(sequences, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=self.cfg.model.dtype)
 
     def close(self) -> None:
         if self.pool:
@@ -146,13 +171,30 @@ def _astuple(verdict) -> tuple[float, float, float]:
     return float(verdict.score), float(verdict.acc), float(verdict.fmt)
 
 
-def held_out(cfg: PrismConfig, tokenizer):
-    """The first `trainer.eval_max_prompts` good rows of data.val_files (None when there are none)."""
+def held_out(cfg: PrismConfig, tokenizer, images=None) -> list[tuple[str, list]] | None:
+    """Held-out sets: the first `trainer.eval_max_prompts` good rows of each of data.val_files, with the
+    prefix of its metrics: `eval_` for the first file, `eval_<file stem>_` for the others (e.g. the visual
+    task's image-blind twin, val_blind.parquet: `eval_val_blind_accuracy`). None when there are none."""
     if not cfg.data.val_files:
         return None
+    from pathlib import Path
+
     from prism_mcore.data.rl_dataset import RLDataset
 
-    return RLDataset(cfg.data.val_files, tokenizer, cfg.data.max_prompt_length).examples[:cfg.trainer.eval_max_prompts]
+    ip = images.processor if images is not None else None
+    sets = []
+    for i, path in enumerate(cfg.data.val_files):
+        rows = RLDataset([path], tokenizer, cfg.data.max_prompt_length, images=ip).examples
+        sets.append(("eval_" if i == 0 else f"eval_{Path(path).stem}_", rows[:cfg.trainer.eval_max_prompts]))
+    return sets
+
+
+def evaluate_all(engines: Rollouts, sets: list[tuple[str, list]], step: int) -> dict:
+    """Collective: `Rollouts.evaluate` on every held-out set."""
+    out = {}
+    for prefix, examples in sets:
+        out.update(engines.evaluate(examples, step, prefix))
+    return out
 
 
 def should_eval(cfg: PrismConfig, done: int) -> bool:

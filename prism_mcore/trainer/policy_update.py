@@ -26,11 +26,13 @@ def loss_config(cfg: PrismConfig):
                                    clip_ratio_c=a.clip_ratio_c, agg_mode=a.loss_agg_mode, tis_cap=a.tis_cap)
 
 
-def rollout_batch(prompts: list[list[int]], responses: list[list], pad_id: int):
+def rollout_batch(prompts: list[list[int]], responses: list[list], pad_id: int, images=None, prompt_images=()):
     """Prompt + response rows (responses[i] are prompt i's rollouts, in order), next-token labels, the
     response mask on targets, the engine's log-probs of the sampled tokens, and each row's prompt
-    (extra["prompt"]) for cutting mini-batches by prompt."""
+    (extra["prompt"]) for cutting mini-batches by prompt. With images (a StageImages), each row carries its
+    prompt's `prompt_images[i]`."""
     from prism_mcore.data.batch import next_token_batch
+    from prism_mcore.trainer.images import attach_images
 
     rows, masks, engine_lp, prompt_of = [], [], [], []
     for p, (prompt, group) in enumerate(zip(prompts, responses)):
@@ -41,7 +43,7 @@ def rollout_batch(prompts: list[list[int]], responses: list[list], pad_id: int):
             prompt_of.append(p)
     batch = next_token_batch(rows, masks, pad_id, rollout_logprobs=engine_lp)
     batch.extra["prompt"] = torch.tensor(prompt_of)
-    return batch
+    return attach_images(batch, images, [prompt_images[p] for p in prompt_of] if images is not None else [])
 
 
 class PolicyObjective:

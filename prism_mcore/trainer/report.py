@@ -1,5 +1,5 @@
-"""The demo's report: a table of held-out accuracy / format rate after each stage for both arms, and a
-PNG of the training curves, built from the stages' metrics.jsonl files (so it can be rebuilt any time:
+"""The demo's report: a table of held-out accuracy / format rate (and, for the visual task, perception
+accuracy and the image-blind level) after each stage for both arms, and a PNG of the training curves, built from the stages' metrics.jsonl files (so it can be rebuilt any time:
 `python -m prism_mcore.trainer.report OUT`)."""
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def read_metrics(path: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _evals(rows: list[dict]) -> list[tuple[int, float, float]]:
-    return [(r["step"], r["eval_accuracy"], r["eval_format"]) for r in rows if "eval_accuracy" in r]
+def _evals(rows: list[dict]) -> list[tuple[int, float, float, float | None, float | None]]:
+    """(step, accuracy, format, perception accuracy, image-blind accuracy) of each held-out evaluation; the
+    last two are None for the text task."""
+    return [(r["step"], r["eval_accuracy"], r["eval_format"], r.get("eval_perception_accuracy"),
+             r.get("eval_val_blind_accuracy")) for r in rows if "eval_accuracy" in r]
 
 
 def warmup_window(num_steps: int) -> int:
@@ -65,16 +68,28 @@ def build_report(out: str | Path) -> dict:
     after_base = base_evals[-1] if base_evals else None
 
     def pct(e, i):
-        return "—" if e is None else f"{100 * e[i]:.1f}%"
+        return "—" if e is None or e[i] is None else f"{100 * e[i]:.1f}%"
 
     prior = prior_accuracy(out / "data" / "rl.parquet", out / "data" / "val.parquet")
-    baseline_note = "" if prior is None else f"; the most common answer alone scores {100 * prior:.1f}%"
-    table = Table(title=f"held-out greedy accuracy / format rate (uniform guess {100 * CHANCE:.0f}%{baseline_note})")
-    for col in ("after stage", "PRISM arm acc", "PRISM arm format", "baseline acc", "baseline format"):
-        table.add_column(col, justify="right" if col != "after stage" else "left")
-    table.add_row("SFT", pct(sft_eval, 1), pct(sft_eval, 2), pct(sft_eval, 1), pct(sft_eval, 2))
-    table.add_row("PRISM align", pct(after_align, 1), pct(after_align, 2), "—", "—")
-    table.add_row("GRPO", pct(after_grpo, 1), pct(after_grpo, 2), pct(after_base, 1), pct(after_base, 2))
+    blind = sft_eval[4] if sft_eval else None
+    levels = [f"uniform guess {100 * CHANCE:.0f}%"]
+    levels += [] if prior is None else [f"the most common answer alone {100 * prior:.1f}%"]
+    levels += [] if blind is None else [f"the SFT policy on blank images (image-blind) {100 * blind:.1f}%"]
+    perception = sft_eval is not None and sft_eval[3] is not None
+    table = Table(title="held-out greedy accuracy / format rate" + (" / perception" if perception else ""))
+    cols = ["after stage", "PRISM arm acc", "PRISM arm format", "baseline acc", "baseline format"]
+    if perception:
+        cols += ["PRISM arm perception", "baseline perception"]
+    for col in cols:
+        table.add_column(col, justify="right" if col != "after stage" else "left", no_wrap=col == "after stage")
+
+    def row(name, prism, base):
+        cells = [name, pct(prism, 1), pct(prism, 2), pct(base, 1), pct(base, 2)]
+        table.add_row(*(cells + [pct(prism, 3), pct(base, 3)] if perception else cells))
+
+    row("SFT", sft_eval, sft_eval)
+    row("PRISM align", after_align, None)
+    row("GRPO", after_grpo, after_base)
     warm = [r for r in m["disc_warmup"] if "loss" in r]
     window = warmup_window(len(warm))
     gaps = [r["score_gap"] for r in m["align"] if "score_gap" in r]
@@ -85,15 +100,20 @@ def build_report(out: str | Path) -> dict:
         "warmup_pair_accuracy": _mean(warm[-window:], "accuracy") if warm else None,
         "align_score_gap": [gaps[0], gaps[-1]] if gaps else None,
         "prior_accuracy": prior,
+        "image_blind_accuracy": blind,
+        "perception": {"sft": sft_eval and sft_eval[3], "align": after_align and after_align[3],
+                       "prism_grpo": after_grpo and after_grpo[3], "baseline_grpo": after_base and after_base[3]},
         "accuracy": {"sft": sft_eval and sft_eval[1], "align": after_align and after_align[1],
                      "prism_grpo": after_grpo and after_grpo[1], "baseline_grpo": after_base and after_base[1]},
         "format": {"sft": sft_eval and sft_eval[2], "align": after_align and after_align[2],
                    "prism_grpo": after_grpo and after_grpo[2], "baseline_grpo": after_base and after_base[2]},
     }
     plot = out / "curves.png"
-    _plot(m, plot, prior)
+    _plot(m, plot, prior, blind)
     complete = all(v is not None for v in (sft_eval, after_align, after_grpo, after_base)) and plot.exists()
-    caption = []
+    caption = ["levels: " + ", ".join(levels)]
+    if perception:
+        caption.append("perception: the caption names every fact of the image, nothing else")
     if summary["warmup_loss"]:
         steps = f"{window} steps" if window > 1 else "step"
         caption.append(f"discriminator warm-up loss {summary['warmup_loss'][0]:.3f} -> {summary['warmup_loss'][1]:.3f}"
@@ -105,7 +125,7 @@ def build_report(out: str | Path) -> dict:
     return {"table": table, "summary": summary, "plot": str(plot), "complete": complete}
 
 
-def _plot(m: dict[str, list[dict]], path: Path, prior: float | None = None) -> None:
+def _plot(m: dict[str, list[dict]], path: Path, prior: float | None = None, blind: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +166,12 @@ def _plot(m: dict[str, list[dict]], path: Path, prior: float | None = None) -> N
     ax[1, 1].axhline(CHANCE, color="grey", ls=":", label="uniform guess")
     if prior is not None:
         ax[1, 1].axhline(prior, color="grey", ls="--", label="most common answer")
+    if blind is not None:
+        ax[1, 1].axhline(blind, color="tab:red", ls=":", label="image-blind (SFT, blank images)")
+    perception = [(r["step"], r["eval_perception_accuracy"]) for r in m["align"] if "eval_perception_accuracy" in r] + \
+        [(n_align + r["step"], r["eval_perception_accuracy"]) for r in m["grpo"] if "eval_perception_accuracy" in r]
+    if perception:
+        ax[1, 1].plot(*zip(*perception), "s--", label="PRISM arm perception")
     ax[1, 1].set(title="held-out greedy accuracy", xlabel="policy update after SFT", ylim=(-0.02, 1.02))
     ax[1, 1].legend()
     fig.tight_layout()

@@ -47,21 +47,24 @@ def run_rl(cfg: PrismConfig) -> dict:
     from prism_mcore.data.rl_dataset import RLDataset
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.parallel.layout import init_model_parallel
-    from prism_mcore.trainer.engines import Rollouts, held_out, should_eval
+    from prism_mcore.trainer.engines import Rollouts, evaluate_all, held_out, should_eval
+    from prism_mcore.trainer.images import StageImages
     from prism_mcore.trainer.policy_update import rollout_batch, update_policy
     from prism_mcore.trainer.run import StageRun, build_policy, export_hf
     from prism_mcore.trainer.step import StepRunner, trainable
 
     tok = qwen3_tokenizer()
-    data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length)
-    val = held_out(cfg, tok)
+    images = StageImages.of(cfg, tok)
+    data = RLDataset(cfg.data.train_files, tok, cfg.data.max_prompt_length,
+                     images=images.processor if images is not None else None)
+    val = held_out(cfg, tok, images)
     init_model_parallel(cfg)
     policy = trainable(build_policy(cfg), cfg.optim)
     run = StageRun(cfg, {"": policy})
     if run.resumed and run.resumed.get("data"):
         data.load_state_dict(run.resumed["data"])
     runner = StepRunner(cfg.data.micro_batch_tokens, tok.pad_token_id)
-    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_rows=[e.prompt_ids for e in data.examples[:2]])
+    engines = Rollouts(cfg, tok, cfg.model.hf_path, runner, probe_examples=data.examples[:2], images=images)
     buffer = cfg.algorithm.overlong_buffer
     batches = data.endless(cfg.data.global_batch_size, cfg.data.seed)
     last = {}
@@ -69,7 +72,7 @@ def run_rl(cfg: PrismConfig) -> dict:
         if run.start:  # engines start from the initial weights: bring them to the resumed ones
             engines.sync(policy, run.start)
         if val and run.start == 0 and cfg.trainer.eval_at_start:
-            run.log(0, engines.evaluate(val, step=-1))
+            run.log(0, evaluate_all(engines, val, step=-1))
         for step in run.steps():
             examples, rollouts, sampling = dapo_batch(cfg, engines.sample, batches, step)
             flat = [r for group in rollouts for r in group]
@@ -79,14 +82,16 @@ def run_rl(cfg: PrismConfig) -> dict:
                 rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_tokens, buffer,
                                                      cfg.algorithm.overlong_penalty_factor)
             advantages = grpo_advantages(rewards, consecutive_groups(len(flat), cfg.rollout.n))
-            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id)
+            batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id, images,
+                                  [e.images for e in examples])
             update = update_policy(policy, cfg, batch, advantages, step, runner)
             sync = engines.sync(policy, step + 1)
+            probe = {} if sync.probe_error is None else {"probe_error": sync.probe_error}
             last = {"reward": float(rewards.mean()), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat), "response_len": float(lengths.float().mean()),
-                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update}
+                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update, **probe}
             if val and should_eval(cfg, step + 1):
-                last.update(engines.evaluate(val, step=step + 1))
+                last.update(evaluate_all(engines, val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict()},
                          f"reward {last['reward']:.3f} acc {last['accuracy']:.2f}", bad=update["nonfinite_updates"] > 0)
     finally:

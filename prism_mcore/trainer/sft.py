@@ -10,19 +10,21 @@ import random
 from prism_mcore.config import PrismConfig
 
 
-def load_sft_samples(cfg: PrismConfig, tokenizer):
-    """Every file's conversations, tokenized; returns (samples, rows skipped): bad rows and conversations with
-    no assistant token within the length limit are counted, not trained on."""
+def load_sft_samples(cfg: PrismConfig, tokenizer, images=None):
+    """Every file's conversations, tokenized (with their images when `images`, a StageImages, is given);
+    returns (samples, rows skipped): bad rows, bad images and conversations with no assistant token within
+    the length limit are counted, not trained on."""
     from prism_mcore.data.errors import DataError
     from prism_mcore.data.sft_dataset import load_chat_jsonl, tokenize_chats
 
     if not cfg.data.train_files:
         raise DataError("data.train_files: the sft stage needs at least one chat JSONL file")
+    ip = images.processor if images is not None else None
     samples, skipped = [], 0
     max_length = cfg.data.max_prompt_length + cfg.data.max_response_length
     for path in cfg.data.train_files:
-        chats, bad = load_chat_jsonl(path)
-        kept, too_long = tokenize_chats(chats, tokenizer, max_length, source=str(path))
+        chats, bad = load_chat_jsonl(path, images=ip)
+        kept, too_long = tokenize_chats(chats, tokenizer, max_length, source=str(path), images=ip)
         samples += kept
         skipped += sum(bad.values()) + sum(too_long.values())
     return samples, skipped
@@ -60,21 +62,26 @@ class SFTObjective:
         return hidden, loss_fn
 
 
-def sft_batch(samples: list, pad_id: int):
-    """Next-token rows of chat samples; a target counts where the sample's loss mask marks it."""
+def sft_batch(samples: list, pad_id: int, images=None):
+    """Next-token rows of chat samples (a target counts where the sample's loss mask marks it), with their
+    images when the run has them (`images`: a trainer.images.StageImages)."""
     from prism_mcore.data.batch import next_token_batch
+    from prism_mcore.trainer.images import attach_images
 
-    return next_token_batch([s.input_ids for s in samples], [s.loss_mask[1:] for s in samples], pad_id)
+    batch = next_token_batch([s.input_ids for s in samples], [s.loss_mask[1:] for s in samples], pad_id)
+    return attach_images(batch, images, [s.images for s in samples])
 
 
 def run_sft(cfg: PrismConfig) -> dict:
     from prism_mcore.data.tokenizer import qwen3_tokenizer
     from prism_mcore.parallel.layout import init_model_parallel
+    from prism_mcore.trainer.images import StageImages
     from prism_mcore.trainer.run import StageRun, build_policy, export_hf
     from prism_mcore.trainer.step import StepRunner, lr_at, trainable
 
     tok = qwen3_tokenizer()
-    samples, skipped = load_sft_samples(cfg, tok)
+    images = StageImages.of(cfg, tok)
+    samples, skipped = load_sft_samples(cfg, tok, images)
     init_model_parallel(cfg)
     policy = trainable(build_policy(cfg), cfg.optim)
     run = StageRun(cfg, {"": policy})
@@ -83,7 +90,7 @@ def run_sft(cfg: PrismConfig) -> dict:
     last = {}
     for step in run.steps():
         rows = [samples[i] for i in step_batches(len(samples), cfg.data.global_batch_size, cfg.data.seed, step)]
-        batch = sft_batch(rows, tok.pad_token_id)
+        batch = sft_batch(rows, tok.pad_token_id, images)
         result = runner.train(policy, batch, objective, lr_at(step, cfg.trainer.steps, cfg.optim))
         last = {"loss": result.metrics["loss"], "grad_norm": result.grad_norm,
                 "lr": policy.optimizer.param_groups[0]["lr"], "tokens": float(batch.loss_mask.sum()),

@@ -282,7 +282,7 @@ class StepRunner:
                     forward_only=True)
         finally:
             ddp.train(was_training)
-        return gather_rows(outputs or [], batch.num_rows, ps.is_pipeline_last_stage())
+        return gather_rows(outputs or [], batch.num_rows, ps.is_pipeline_last_stage(), batch.length)
 
 
 def _zero_loss(output: torch.Tensor):
@@ -300,23 +300,29 @@ def _recording_loss(loss_fn: Callable) -> Callable:
     return wrapped
 
 
-def gather_rows(outputs: list[dict], num_rows: int, holds: bool) -> dict[str, torch.Tensor]:
+def gather_rows(outputs: list[dict], num_rows: int, holds: bool, seq_length: int) -> dict[str, torch.Tensor]:
     """Per-row values from the micro-batches of every data-parallel rank's last pipeline stage -> full
-    [num_rows, ...] tensors on every rank. Each row belongs to one DP rank; the TP ranks of the last stage
-    hold identical values and each reduces within its own DP group, so nothing is counted twice."""
+    tensors on every rank: [num_rows] for a value per row, [num_rows, seq_length] for a value per token (a
+    micro-batch is trimmed to its longest row: shorter rows are zero past their micro-batch's length). Each
+    row belongs to one DP rank; the TP ranks of the last stage hold identical values and each reduces within
+    its own DP group, so nothing is counted twice."""
     from megatron.core import parallel_state as ps
 
-    names = sorted({k for out in outputs for k in out if k != "index"})
-    names = _agreed_names(names)
+    names = _agreed_names(sorted({k for out in outputs for k in out if k != "index"}))
+    per_token = _agreed_names(sorted({k for out in outputs for k, v in out.items() if k != "index" and v.dim() > 1}))
     full: dict[str, torch.Tensor] = {}
     for name in names:
-        shape = next((out[name].shape[1:] for out in outputs if name in out), None)
-        shape = _agreed_shape(shape)
-        value = torch.zeros((num_rows, *shape), dtype=torch.float64)
+        value = torch.zeros((num_rows, seq_length) if name in per_token else (num_rows,), dtype=torch.float64)
         if holds:
             for out in outputs:
                 keep = out["index"] >= 0
-                value[out["index"][keep].cpu()] = out[name][keep.to(out[name].device)].double().cpu()
+                rows = out["index"][keep].cpu()
+                got = out[name][keep.to(out[name].device)].double().cpu()
+                if name in per_token:
+                    width = min(got.shape[1], seq_length)
+                    value[rows, :width] = got[:, :width]
+                else:
+                    value[rows] = got
         if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
             dist.all_reduce(value, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -330,12 +336,6 @@ def _agreed_names(names: list[str]) -> list[str]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, names)
     return sorted({n for g in gathered for n in g})
-
-
-def _agreed_shape(shape):
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, None if shape is None else tuple(shape))
-    return next(s for s in gathered if s is not None)
 
 
 def reduce_metrics(outputs: list[dict]) -> dict[str, float]:

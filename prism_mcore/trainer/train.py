@@ -51,29 +51,33 @@ def preflight(cfg: PrismConfig) -> None:
     for path in cfg.data.train_files + cfg.data.val_files:
         if not Path(path).is_file():
             raise DataError(f"{path}: no such file (data.train_files / data.val_files)")
+    from prism_mcore.data.tokenizer import qwen3_tokenizer
+    from prism_mcore.trainer.images import StageImages
+
+    tokenizer = qwen3_tokenizer()
+    images = StageImages.of(cfg, tokenizer)  # a Qwen3-VL run reads (and checks) the images too
+    ip = images.processor if images is not None else None
     if stage == "sft":
         from prism_mcore.data.sft_dataset import load_chat_jsonl, tokenize_chats
-        from prism_mcore.data.tokenizer import qwen3_tokenizer
 
-        tokenizer, max_length = qwen3_tokenizer(), cfg.data.max_prompt_length + cfg.data.max_response_length
+        max_length = cfg.data.max_prompt_length + cfg.data.max_response_length
         for path in cfg.data.train_files:  # counts bad lines and conversations too long to train on
-            tokenize_chats(load_chat_jsonl(path)[0], tokenizer, max_length, source=str(path))
+            tokenize_chats(load_chat_jsonl(path, images=ip)[0], tokenizer, max_length, source=str(path), images=ip)
     if stage in ("rl", "align"):
         from prism_mcore.data.rl_dataset import RLDataset
-        from prism_mcore.data.tokenizer import qwen3_tokenizer
 
         if not cfg.model.hf_path:
             raise DataError(f"model.hf_path: the {stage} stage starts the rollout engines from an HF "
                             f"checkpoint")
-        RLDataset(cfg.data.train_files, qwen3_tokenizer(), cfg.data.max_prompt_length,
-                  require_teacher=stage == "align")
+        RLDataset(cfg.data.train_files, tokenizer, cfg.data.max_prompt_length, require_teacher=stage == "align",
+                  images=ip)
         if cfg.data.val_files:
-            RLDataset(cfg.data.val_files, qwen3_tokenizer(), cfg.data.max_prompt_length)
+            RLDataset(cfg.data.val_files, tokenizer, cfg.data.max_prompt_length, images=ip)
     if stage == "disc-warmup":
         from prism_mcore.data.warmup_pairs import load_warmup_pairs
 
         for path in cfg.data.train_files:
-            load_warmup_pairs(path)
+            load_warmup_pairs(path, images=ip)
 
 
 def train(cfg: PrismConfig) -> dict:

@@ -175,8 +175,9 @@ def test_torch_distributed_buckets_to_fake_engines(ray_cluster):
     cfg = rollout_config(timeout_s=60)
     pool = EnginePool("unused", cfg, {"schema": schema}, namespace="echo_dist", engine_cls=ECHO).start()
     try:
-        sender = _dist_sender("echo_dist_r0", pool.actors, pool.names, 60, 0)
-        assert _dist_sender("echo_dist_r0", pool.actors, pool.names, 60, 0) is sender  # reused
+        endpoints = pool.endpoints  # the sender group is cached on this object (as the trainer holds one)
+        sender = _dist_sender(endpoints, "echo_dist_r0", pool.actors, 60, 0)
+        assert _dist_sender(endpoints, "echo_dist_r0", pool.actors, 60, 0) is sender  # reused
 
         def sync(version, pairs):
             refs = []

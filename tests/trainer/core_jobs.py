@@ -154,3 +154,18 @@ def moe_policy_update(world: int, ep: int, micro_tokens: int) -> dict:
     policy = trainable(build_policy(cfg), cfg.optim)
     prompts, groups, adv = rollouts(num_prompts=3, n=3, seed=0)
     return update_policy(policy, cfg, rollout_batch(prompts, groups, 0), adv, 0, StepRunner(micro_tokens, 0))
+
+
+def recomputed_logprobs(world: int, micro_tokens: int) -> torch.Tensor:
+    """The policy's log-probs of the rollouts' responses (StepRunner.forward: the old-policy pass), [B, S]."""
+    from prism_mcore.parallel.layout import init_model_parallel
+    from prism_mcore.trainer.policy_update import rollout_batch, sequence_logprobs
+    from prism_mcore.trainer.run import build_policy
+    from prism_mcore.trainer.step import StepRunner, trainable
+
+    cfg = policy_config(world, {"name": "grpo"}, micro_tokens, steps=1)
+    init_model_parallel(cfg)
+    policy = trainable(build_policy(cfg), cfg.optim)
+    prompts, groups, _ = rollouts(num_prompts=3, seed=0)
+    batch = rollout_batch(prompts, groups, 0)
+    return sequence_logprobs(StepRunner(micro_tokens, 0), policy, batch, cfg.model.vocab_size)

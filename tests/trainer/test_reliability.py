@@ -101,7 +101,7 @@ def test_bad_checkpoints_fall_back_and_another_stage_is_refused(sft_file, tmp_pa
     err = again.stderr
     assert "warning: skipping checkpoint" in err and "latest: does not name a checkpoint" in err
     assert f"step_00000003: {shard.name} is truncated" in err
-    assert "step_00000002: prism_meta.json is not valid checkpoint metadata" in err
+    assert f"step_00000002: {ckpts / 'step_00000002' / 'prism_meta.json'}: malformed JSON at line 1" in err
     assert "resuming from step 1 of 4" in err
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
 

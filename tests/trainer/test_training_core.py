@@ -142,3 +142,16 @@ def test_moe_updates_at_ep2_with_uneven_rows_finish(ranks):
     roomy = ranks(disc_steps, 2, 2, 2, 100000, 1, (inputs, valid), timeout=300)[0]
     # (sum of scores, d_loss, grad norm, pair accuracy) of the one step
     assert tight[0][0] == pytest.approx(roomy[0], rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_forward_pass_gathers_every_row_whatever_the_split(ranks):
+    """The no-grad pass (old log-probs, scores) over uneven, trimmed micro-batches on 2 DP ranks returns the
+    one-rank, one-micro-batch values for every row, zeros past each row's end."""
+    from core_jobs import recomputed_logprobs
+
+    whole = ranks(recomputed_logprobs, 1, 1, 100000)[0]
+    split = ranks(recomputed_logprobs, 2, 2, 120)
+    assert torch.equal(split[0], split[1])
+    assert split[0].shape == whole.shape and (whole != 0).sum() > 50
+    torch.testing.assert_close(split[0], whole, rtol=1e-5, atol=1e-5)

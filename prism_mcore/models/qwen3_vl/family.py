@@ -92,7 +92,7 @@ class Qwen3VLSpec(ModelSpec):
             position_ids = rope_index_packed(tokens, image_grid_thw, seg, arch.spatial_merge_size,
                                              arch.image_token_id, arch.vision_start_token_id)
         extra = {}
-        if pixel_values is not None:
+        if pixel_values is not None and pixel_values.numel():  # a micro-batch of text rows has no images
             extra = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         return position_ids, extra
 
@@ -131,16 +131,12 @@ class Qwen3VLSpec(ModelSpec):
         return qwen3_tokenizer()  # Qwen3-VL's vocabulary and special tokens are Qwen3's
 
     def processor(self, arch):
-        """transformers' PIL image processor (no torchvision) set to the tower's patch / merge sizes and to
-        `model.vision.max_pixels`: images -> pixel_values [patches, C*T*P*P] and image_grid_thw [n, 3]."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        """The image processor (data/images.py: transformers' PIL processor at Qwen3-VL's values and PRISM's
+        sizes) for the tower's patch / merge sizes and `model.vision.max_pixels`."""
+        from prism_mcore.data.images import ImageProcessor
 
-        v = arch.vision
-        patch, merge = int(v.get("patch_size", 16)), arch.spatial_merge_size
         max_pixels = arch.training.max_pixels if arch.training is not None else 313600
-        return Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-                                        merge_size=merge, min_pixels=(patch * merge) ** 2,
-                                        max_pixels=max(max_pixels, (patch * merge) ** 2))
+        return ImageProcessor.from_vision({**arch.vision, "spatial_merge_size": arch.spatial_merge_size}, max_pixels)
 
     def engine_kwargs(self, arch) -> dict:
         # Video is not supported; images per prompt as PRISM's rows carry them (one, two for headroom).

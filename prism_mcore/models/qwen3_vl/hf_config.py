@@ -37,6 +37,9 @@ def hf_config_dict(arch: Qwen3VLArch) -> dict:
                         vision_end_token_id=arch.vision_end_token_id, tie_word_embeddings=m.tie_word_embeddings)
     out = config.to_dict()
     out["transformers_version"] = transformers_version()
+    # the class transformers and vLLM load it as (a bare config says none, and vLLM then runs it as a pooler)
+    out["architectures"] = ["Qwen3VLMoeForConditionalGeneration" if arch.family == MOE
+                            else "Qwen3VLForConditionalGeneration"]
     return out
 
 
