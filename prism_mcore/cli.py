@@ -55,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
 # Subcommands that own their argument parsing: `prism NAME ...` -> module.main(argv).
 DELEGATED = {
     "convert": ("prism_mcore.checkpoint.convert", "HF <-> Megatron checkpoint conversion"),
-    "upcycle": ("prism_mcore.models.qwen3.upcycle", "dense HF Qwen3 -> HF Qwen3-MoE (sparse upcycling)"),
+    "upcycle": ("prism_mcore.models.qwen3.upcycle", "dense HF Qwen3 / Qwen3-VL -> HF Qwen3-MoE / Qwen3-VL-MoE (sparse upcycling)"),
     "bench": ("prism_mcore.bench", "benchmarks: logprob | grouped-gemm | router | ceiling | weight-sync | rl-step"),
 }
 

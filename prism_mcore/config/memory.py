@@ -300,7 +300,7 @@ def _warmup_micro(cfg: PrismConfig) -> tuple[int, int, int]:
 
 
 def _align_disc_micro(cfg: PrismConfig) -> tuple[int, int, int]:
-    """disc_update._pieces: k rollouts of one prompt group (2k rows: their captions and reasonings) plus
+    """disc_update.pieces_of: k rollouts of one prompt group (2k rows: their captions and reasonings) plus
     the teacher's two rows, padded to the longest row, as many rollouts as fit the budget, at least one."""
     seq = cfg.data.max_prompt_length + cfg.data.max_response_length
     per_rollout = max(1, min(cfg.rollout.n, (cfg.data.micro_batch_tokens // seq - 2) // 2))
