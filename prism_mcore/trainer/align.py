@@ -99,6 +99,7 @@ def run_align(cfg: PrismConfig) -> dict:
             inputs = [b[0] for b in built]
             valid = torch.tensor([b[1] for b in built], dtype=torch.bool)  # [groups, n]
             group_images = [e.images for e in examples]
+            engines.release()  # colocated engines sleep until the sync
             scores = score_groups(disc, inputs, tok.pad_token_id, cfg.data.micro_batch_tokens, images, group_images)
             clipped = clip_scores(scores, a.score_clip, a.score_clip_mode)
             s_p, s_r = clipped[:, :n], clipped[:, n:2 * n]
@@ -121,6 +122,7 @@ def run_align(cfg: PrismConfig) -> dict:
                     "format": sum(r.fmt for r in flat) / len(flat),
                     "response_len": sum(len(r.token_ids) for r in flat) / len(flat),
                     "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **update, **d_stats, **probe,
+                    **engines.metrics(),
                     **{k: float(x) for k, x in adv_stats.items()}}
             if val and should_eval(cfg, step + 1):
                 last.update(evaluate_all(engines, val, step=step + 1))

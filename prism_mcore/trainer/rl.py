@@ -84,12 +84,14 @@ def run_rl(cfg: PrismConfig) -> dict:
             advantages = grpo_advantages(rewards, consecutive_groups(len(flat), cfg.rollout.n))
             batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id, images,
                                   [e.images for e in examples])
+            engines.release()  # colocated engines sleep until the sync
             update = update_policy(policy, cfg, batch, advantages, step, runner)
             sync = engines.sync(policy, step + 1)
             probe = {} if sync.probe_error is None else {"probe_error": sync.probe_error}
             last = {"reward": float(rewards.mean()), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat), "response_len": float(lengths.float().mean()),
-                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update, **probe}
+                    "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update, **probe,
+                    **engines.metrics()}
             if val and should_eval(cfg, step + 1):
                 last.update(evaluate_all(engines, val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict()},

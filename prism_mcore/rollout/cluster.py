@@ -1,0 +1,70 @@
+"""The Ray cluster a run's engines live in: joined (a launcher's, `rollout.ray_address` / $RAY_ADDRESS) or
+started for the run on this machine, and what the engines of a pool ask vLLM for.
+
+Joined clusters are the multi-node case (launch/mlp_launch.sh, launch/slurm_ray.sbatch): the driver (trainer
+rank 0) attaches to its own node's raylet, so "the trainer's node" is `ray.get_runtime_context().get_node_id()`
+and placement (engine_pool.make_placement) can keep disaggregated engines off it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("prism.rollout")
+
+
+@dataclass
+class RayConnection:
+    owned: bool  # started for this run (shut down with it) or joined (only disconnected)
+    address: str
+    trainer_node: str  # Ray node id of the driver
+    device: str  # "gpu" or "cpu": what the engines' bundles ask for
+
+
+def ray_target(ray_address: str | None) -> str | None:
+    """The cluster to join: `rollout.ray_address`, else $RAY_ADDRESS, else None (start one)."""
+    return ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(ray_address: str | None, namespace: str, num_cpus: int, temp_dir: str | None) -> RayConnection:
+    """Join the cluster `ray_target` names, or start a local one with `num_cpus` logical CPUs (and every GPU
+    of the machine) under `temp_dir`. Engines are placed on GPUs when the cluster has any."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    target = ray_target(ray_address)
+    if target:
+        ray.init(address=target, namespace=namespace, log_to_driver=False, configure_logging=False)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ray.init(num_cpus=num_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, namespace=namespace,
+                 object_store_memory=256 * 2**20, _temp_dir=temp_dir)
+    device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return RayConnection(not target, ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id(),
+                         device)
+
+
+def engine_settings(rollout, max_prompt_length: int, dtype: str, device: str) -> tuple[dict, str | None]:
+    """vLLM keyword arguments from `rollout` (lengths were checked at config load, schema.rollout_problems),
+    and a note when a setting cannot apply on this device.
+
+    On CPU prefills stay whole (chunked prefill off, a token budget >= the context): vLLM rewinds a seeded
+    request's generator after a chunked prefill step, which CPU generators cannot do, so seeded sampling
+    would fail or lose reproducibility."""
+    context = rollout.max_model_len or max_prompt_length + rollout.max_tokens
+    batched = rollout.max_num_batched_tokens or context
+    chunked, note = rollout.enable_chunked_prefill, None
+    if device == "cpu" and (chunked or batched < context):
+        note = (f"rollout.enable_chunked_prefill={chunked}, rollout.max_num_batched_tokens={batched}: CPU engines "
+                f"run whole prefills (chunked prefill off, {context} tokens per step)")
+        chunked, batched = False, max(batched, context)
+    kwargs = {"dtype": dtype, "max_model_len": context, "max_num_seqs": rollout.max_num_seqs,
+              "max_num_batched_tokens": batched, "enable_chunked_prefill": chunked,
+              "enforce_eager": rollout.enforce_eager}
+    if device == "gpu":
+        share = rollout.gpu_memory_utilization
+        kwargs["gpu_memory_utilization"] = share or (0.5 if rollout.mode == "colocated" else 0.85)
+    return kwargs, note

@@ -1,0 +1,107 @@
+"""Engine settings from the config (checked against the stage's lengths at load), and per-run shm staging
+names: two runs on one machine never share a file, and a run's files go with it (also after SIGKILL)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _validate(*args):
+    return subprocess.run([sys.executable, "-m", "prism_mcore.cli", "validate", "--config-only", *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_lengths_beyond_engine_settings_fail_validation_naming_both():
+    grpo = "configs/cluster/qwen3_4b_grpo.yaml"  # prompt 2048 + response 8192
+    res = _validate(grpo, "rollout.enable_chunked_prefill=false")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "rollout.max_num_batched_tokens=8192" in lines[0] and "10240" in lines[0] and "2048 + 8192" in lines[0]
+    res = _validate(grpo, "rollout.max_model_len=9000")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "rollout.max_model_len=9000" in res.stderr and "= 10240" in res.stderr
+    # an SFT stage starts no engines: its rollout section is not checked
+    assert _validate(grpo, "trainer.stage=sft", "rollout.max_model_len=9000").returncode == 0
+
+
+def test_cluster_configs_load_with_their_engine_settings():
+    from prism_mcore.config import load_config
+    from prism_mcore.rollout.cluster import engine_settings
+
+    for path in sorted((REPO / "configs" / "cluster").glob("*.yaml")):
+        cfg = load_config(path, [])
+        kwargs, _ = engine_settings(cfg.rollout, cfg.data.max_prompt_length, cfg.model.dtype, "gpu")
+        assert kwargs["max_model_len"] == cfg.data.max_prompt_length + cfg.rollout.max_tokens, path.name
+    cfg = load_config(REPO / "configs/cluster/qwen3_vl_4b.yaml", ["trainer.stage=rl", "rollout.max_tokens=8192",
+                                                                  "data.max_prompt_length=2048"])
+    gpu, note = engine_settings(cfg.rollout, 2048, "bfloat16", "gpu")
+    assert note is None and gpu["max_num_batched_tokens"] == 8192 and gpu["enable_chunked_prefill"]
+    assert gpu["gpu_memory_utilization"] == 0.5 and gpu["max_model_len"] == 10240 and not gpu["enforce_eager"]
+    # CPU engines keep whole prefills (seeded generators cannot be rewound), and say so
+    cpu, note = engine_settings(cfg.rollout, 2048, "bfloat16", "cpu")
+    assert not cpu["enable_chunked_prefill"] and cpu["max_num_batched_tokens"] == 10240
+    assert "gpu_memory_utilization" not in cpu and "whole prefills" in note
+
+
+SENDER = """
+import os, sys, time, torch
+from prism_mcore.rollout.transport import arena, release_arenas, sender_tag
+run, value, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+tag = sender_tag(run, 0)
+for k in range(3):
+    path, buf = arena(tag).slot(k, 1 << 20)
+    buf.view(torch.float32).fill_(value)
+print(tag, flush=True)
+time.sleep(1.0)  # the other run writes its slots meanwhile
+for k in range(3):  # still ours
+    assert bool((arena(tag).slot(k, 1 << 20)[1].view(torch.float32) == value).all()), (run, k)
+print("ok", flush=True)
+if mode == "hang":
+    time.sleep(600)
+release_arenas()
+"""
+
+
+def _shm(tag):
+    return sorted(p for p in os.listdir("/dev/shm") if p.startswith(f"prism_ws_{tag}_"))
+
+
+@pytest.mark.timeout(120)
+def test_two_runs_never_share_staging_files_and_remove_theirs():
+    from prism_mcore.rollout.transport import reap_orphaned_shm
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    a = subprocess.Popen([sys.executable, "-c", SENDER, "prism_runA", "1.0", "exit"], stdout=subprocess.PIPE,
+                         text=True, env=env)
+    b = subprocess.Popen([sys.executable, "-c", SENDER, "prism_runB", "2.0", "hang"], stdout=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        tag_a, tag_b = a.stdout.readline().strip(), b.stdout.readline().strip()
+        assert tag_a.startswith("prism_runA_r0p") and tag_b.startswith("prism_runB_r0p") and tag_a != tag_b
+        assert len(_shm(tag_b)) == 3
+        assert a.stdout.readline().strip() == "ok" and b.stdout.readline().strip() == "ok"
+        assert a.wait(timeout=60) == 0
+        assert _shm(tag_a) == []  # a normal exit removes its own files ...
+        assert len(_shm(tag_b)) == 3  # ... and nobody else's
+        assert reap_orphaned_shm() >= 0 and len(_shm(tag_b)) == 3  # a live sender's files are not reaped
+        os.kill(b.pid, signal.SIGKILL)
+        b.wait(timeout=30)
+        assert len(_shm(tag_b)) == 3  # SIGKILL leaves them behind; the next run's start reaps them
+        deadline = time.monotonic() + 10
+        while _shm(tag_b) and time.monotonic() < deadline:
+            reap_orphaned_shm()
+        assert _shm(tag_b) == []
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for name in _shm("prism_runA") + _shm("prism_runB"):
+            os.unlink(f"/dev/shm/{name}")
