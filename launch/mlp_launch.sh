@@ -50,18 +50,29 @@ if [ "$MLP_WORKER_RACK_RANK_INDEX" = 0 ]; then
       --include-dashboard=false --temp-dir "$temp" "${node_args[@]}" >"$temp/ray_head.log" 2>&1 &
   ray_pid=$!; disown "$ray_pid"  # stopped by stop_ray, not waited for (no "Killed" line from bash)
   # Every node must be in the cluster before the stage places its engines.
-  "$py" - "$head" "$MLP_WORKER_NUM" "$wait_s" <<'EOF' || exit 1
-import sys, time, ray
+  "$py" - "$head" "$MLP_WORKER_NUM" "$wait_s" "$ray_pid" "$temp/ray_head.log" <<'EOF' || exit 1
+import os, socket, sys, time, ray
 address, want, wait_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 deadline, alive = time.monotonic() + wait_s, 0
 while time.monotonic() < deadline:
+    try:  # the head died (port taken, bad resources, ...): a zombie counts as dead
+        dead = open(f"/proc/{sys.argv[4]}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        dead = True
+    if dead:
+        lines = [x for x in open(sys.argv[5], errors="replace").read().splitlines() if x.strip()]
+        print(f"mlp_launch: the Ray head did not start at {address}: {lines[-1] if lines else 'no output'}",
+              file=sys.stderr)
+        sys.exit(1)
     try:
-        if not ray.is_initialized():
+        if not ray.is_initialized():  # ray.init waits half a minute on a GCS that is not listening yet
+            host, port = address.rsplit(":", 1)
+            socket.create_connection((host, int(port)), 2).close()
             ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level="ERROR")
         alive = sum(n["Alive"] for n in ray.nodes())
         if alive >= want:
             sys.exit(0)
-    except (ConnectionError, RuntimeError):
+    except (OSError, RuntimeError):  # ConnectionError is an OSError
         pass
     time.sleep(1.0)
 print(f"mlp_launch: {alive} of MLP_WORKER_NUM={want} nodes joined the Ray cluster at {address} within "

@@ -2,7 +2,8 @@
 two slurmd emulating nodes n1, n2 on 127.0.0.1 (their names do not resolve, so the launcher must take the
 rendezvous address from the controller). A tiny TP2 SFT stage submitted with `sbatch --wait` on one node and
 across both logs the same per-step metrics as plain `prism train` (spawned ranks); a config error fails the job
-with its one-line message."""
+with its one-line message. With PRISM_RUN_SLOW=1, launch/slurm_ray.sbatch brings Ray up over both nodes and runs
+an rl stage whose engine is on n2."""
 from __future__ import annotations
 
 import json
@@ -157,3 +158,26 @@ def test_config_error_fails_job_with_one_line(cluster, tmp_path):
     assert code == 2 and state == "FAILED", why
     assert "config error: parallel.tp=3 must divide model.num_attention_heads=4\n" in output, why
     assert "Traceback" not in output, why
+
+
+SLURM_RAY = REPO / "launch" / "slurm_ray.sbatch"
+RL_TINY = ["trainer.stage=rl", "trainer.steps=1", "model.max_position_embeddings=512", "optim.lr=1e-3",
+           "data.global_batch_size=2", "data.micro_batch_tokens=2048", "data.max_prompt_length=256", "rollout.n=2",
+           "rollout.max_tokens=16", "rollout.num_engines=1", "rollout.mode=disaggregated", "trainer.export_hf=false",
+           "trainer.eval_at_start=false"]
+
+
+@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow (~75 s): set PRISM_RUN_SLOW=1 to run; "
+                    "tests/launch/test_ray_launch.py runs the launcher it wraps on every `make test`")
+def test_slurm_ray_runs_rl_with_engines_on_the_second_node(cluster, inputs, tmp_path):
+    """launch/slurm_ray.sbatch: Ray head on n1 (the trainer), a worker on n2; the disaggregated engine lands on
+    n2 and takes its weights over torch_distributed."""
+    out = tmp_path / "run"
+    code, state, output = cluster.sbatch(tmp_path / "job.out", "--nodes=2", "--ntasks-per-node=1", str(SLURM_RAY),
+                                         "/dev/null", *RL_TINY, *inputs, f"trainer.output_dir={out}")
+    why = f"exit {code}, state {state}\n--- job output\n{output[-6000:]}\n{cluster.logs()}"
+    assert code == 0 and state == "COMPLETED", why
+    assert "2 nodes in the Ray cluster" in output and "node 1 joined the Ray cluster" in output, why
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1], why
+    assert rows[0]["rollout/engines_off_trainer_node"] == 1 and rows[0]["rollout/transport"] == "torch_distributed"
