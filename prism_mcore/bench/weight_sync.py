@@ -5,7 +5,7 @@ plan + Megatron shards -> HF tensors (`hf_tensors`) -> buckets in /dev/shm stagi
 stages them (validated, via Ray) -> commit on every engine. Receiving engines:
   * `receiver`: the receiving side of the transport plus a copy of every tensor into an HF-layout model
     (preallocated tensors, double-buffered: buckets are copied into the shadow set as they arrive and the
-    commit swaps it in) held by the receiving process;
+    commit swaps it in) held by the receiving process, in 8 MB chunks over one thread per core;
   * `vllm`: a real vLLM engine (load_format=dummy, so no checkpoint is written); its commit is vLLM's
     layerwise reload, which on CPU also re-packs every linear layer for oneDNN.
 Two sender modes are timed: `copy` (every tensor packed into the /dev/shm staging slots) and `zero_copy`
@@ -35,13 +35,16 @@ from prism_mcore.rollout.transport import prune_remote
 HELP = "Megatron -> engine weight sync GB/s and its ratio to memcpy GB/s"
 
 
+COPY_CHUNK = 8 * 2**20  # bytes per copy task of the receiver's threads
+
+
 class HFTensorReceiver(RolloutEngine):
     """An engine without inference whose weights are HF-layout tensors owned by this process.
 
     Double-buffered: each bucket is copied into the shadow set as soon as it arrives (while the sender
     packs the next one), and commit swaps shadow and live, so a failed sync never touches live weights."""
 
-    def __init__(self, engine_id: int, model_path: str, **_: Any):
+    def __init__(self, engine_id: int, model_path: str, copy_threads: int = 0, **_: Any):
         from prism_mcore.rollout.vllm_engine import checkpoint_schema
 
         self.engine_id = engine_id
@@ -51,6 +54,10 @@ class HFTensorReceiver(RolloutEngine):
             return {n: torch.empty(shape, dtype=getattr(torch, dtype)).fill_(0) for n, (shape, dtype) in schema.items()}
 
         self.params, self.shadow = alloc(), alloc()
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = copy_threads or len(os.sched_getaffinity(0))  # default: one per core of this machine
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="receive")
         self._staging = StagedUpdate(engine_id, schema)
         self._version = 0
         self.copy_s = 0.0
@@ -58,8 +65,20 @@ class HFTensorReceiver(RolloutEngine):
     def receive_bucket(self, version, bucket):
         staged = self._staging.receive(version, self._version, bucket)
         t0 = time.perf_counter()
+        pieces = []
         for name, t in bucket.open():
-            self.shadow[name].copy_(t)
+            dst = self.shadow[name]
+            if t.is_contiguous() and t.numel() * t.element_size() > 2 * COPY_CHUNK:
+                src, dst = t.view(-1), dst.view(-1)
+                step = COPY_CHUNK // t.element_size()
+                pieces += [(dst[i:i + step], src[i:i + step]) for i in range(0, src.numel(), step)]
+            else:
+                pieces.append((dst, t))
+        # Whole chunks per thread, not torch's intra-op split of each copy: the actor runs with one OpenMP
+        # thread (Ray sets OMP_NUM_THREADS=num_cpus), and OpenMP's barrier per copy stalls under load, while
+        # independent chunks keep every core copying (copy_ releases the GIL). memcpy, the reference, uses
+        # every core too.
+        list(self.pool.map(lambda pair: pair[0].copy_(pair[1]), pieces))
         bucket.release()
         self.copy_s += time.perf_counter() - t0
         return staged
@@ -192,7 +211,7 @@ def run_engine(kind: str, model_dir: str, args, ray_mod) -> dict:
                                                    kv_cache_bytes=64 << 20, load_format="dummy",
                                                    skip_tokenizer_init=True), namespace="bench_vllm")
     else:
-        pool = EnginePool(model_dir, rollout, {}, namespace="bench_recv",
+        pool = EnginePool(model_dir, rollout, {"copy_threads": args.receiver_threads}, namespace="bench_recv",
                           engine_cls="prism_mcore.bench.weight_sync:HFTensorReceiver")
     try:
         pool.start()
@@ -212,6 +231,7 @@ def main(argv: list[str]) -> int:
                    help="zero-copy references exist only with shm; the other transports are reported in copy mode")
     p.add_argument("--bucket-mb", type=float, default=512, help="bucket size (rollout.weight_bucket_mb's default)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--receiver-threads", type=int, default=0, help="copy threads of the receiver (0: one per core)")
     p.add_argument("--memcpy-mb", type=int, default=1024, help="size of the memcpy reference copy")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=1024)
