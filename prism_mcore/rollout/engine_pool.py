@@ -42,6 +42,12 @@ class EngineActor:
 
     def __init__(self, engine_id: int, engine_kwargs: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
         import importlib
+        import os
+
+        engine_kwargs = dict(engine_kwargs)
+        devices = engine_kwargs.pop("cuda_visible_devices", None)
+        if devices is not None:  # before the engine touches CUDA (Placement.cuda_devices says why)
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices
 
         module, name = engine_cls.split(":")
         self.engine = getattr(importlib.import_module(module), name)(engine_id=engine_id, **engine_kwargs)
@@ -114,6 +120,9 @@ class Placement:
     engine_bundles: list[int]
     engine_share: float  # fraction of its bundle's CPU/GPU an engine takes (colocated: shares with a trainer rank)
     device: str
+    engine_tp: int = 1
+    trainer_node: str | None = None
+    bundle_nodes: list[str] = field(default_factory=list)  # Ray node id of every bundle, once placed
 
     def _options(self, bundle: int, share: float) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -126,18 +135,37 @@ class Placement:
         return opts
 
     def engine_options(self, i: int) -> dict:
-        return self._options(self.engine_bundles[i], self.engine_share)
+        # A disaggregated engine's bundle holds its engine_tp GPUs (Ray makes them its CUDA_VISIBLE_DEVICES).
+        whole = self.device == "gpu" and self.engine_share >= 1
+        return self._options(self.engine_bundles[i], float(self.engine_tp) if whole else self.engine_share)
 
     def trainer_options(self, rank: int) -> dict:
         """For launchers that run trainer ranks as Ray actors."""
         return self._options(self.trainer_bundles[rank], 1.0 - self.engine_share if self.engine_share < 1 else 1.0)
 
+    def cuda_devices(self, i: int) -> str | None:
+        """CUDA_VISIBLE_DEVICES of engine i when it runs on the trainer's node, else None (Ray's assignment).
+        The trainer's ranks are not Ray actors: rank r uses GPU r of its node (LOCAL_RANK), which Ray does not
+        know. So an engine on that node is given GPUs by the same numbering: colocated engine i the GPUs of
+        the trainer ranks it shares (i*engine_tp, ...), a disaggregated one the GPUs after the trainer's, in
+        engine order. (Ray's own pick could be a trainer rank's GPU, and a fractional colocated share gives
+        one GPU where engine_tp are needed.)"""
+        if self.device != "gpu" or not self.bundle_nodes or self.trainer_node is None:
+            return None
+        here = [j for j in range(len(self.engine_bundles))
+                if self.bundle_nodes[self.engine_bundles[j]] == self.trainer_node]
+        if i not in here:
+            return None
+        first = self.engine_bundles[i] if self.engine_share < 1 else (
+            len(self.trainer_bundles) + here.index(i) * self.engine_tp)
+        return ",".join(str(g) for g in range(first, first + self.engine_tp))
+
 
 def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: float = 60.0,
                    trainer_node: str | None = None) -> Placement:
-    """Colocated: one bundle per trainer rank, engine i on bundle i*engine_tp (engines and trainer share it).
-    Disaggregated: trainer bundles, then engine_tp bundles per engine. vLLM's own TP workers of an engine
-    use the engine's bundle range (engine_tp consecutive bundles).
+    """Colocated: one bundle per trainer rank, engine i on bundle i*engine_tp (engines and trainer share it;
+    the engine's GPUs are those of trainer ranks i*engine_tp.., `Placement.cuda_devices`). Disaggregated:
+    trainer bundles, then one bundle per engine holding its engine_tp devices.
 
     `trainer_node` (a Ray node id: the driver's, whose ranks are the trainer's) pins the trainer bundles to
     that node; disaggregated engines then go to the other nodes when the cluster has any (Ray's node-id
@@ -154,10 +182,10 @@ def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: 
         bundles, engines, share = [dict(unit) for _ in range(trainer_ranks)], [i * tp for i in range(n)], 0.5
         labels = here * trainer_ranks
     else:
-        bundles = [dict(unit) for _ in range(trainer_ranks + n * tp)]
-        engines, share = [trainer_ranks + i * tp for i in range(n)], 1.0
+        bundles = [dict(unit) for _ in range(trainer_ranks)] + [{k: v * tp for k, v in unit.items()} for _ in range(n)]
+        engines, share = [trainer_ranks + i for i in range(n)], 1.0
         others = trainer_node and any(x["Alive"] and x["NodeID"] != trainer_node for x in ray.nodes())
-        labels = here * trainer_ranks + [{NODE_ID_LABEL: f"!{trainer_node}"} if others else {}] * (n * tp)
+        labels = here * trainer_ranks + [{NODE_ID_LABEL: f"!{trainer_node}"} if others else {}] * n
     kwargs = {"bundle_label_selector": labels} if any(labels) else {}
     group = placement_group(bundles, strategy="PACK", **kwargs)
     try:
@@ -165,7 +193,11 @@ def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: 
     except GetTimeoutError:
         raise EngineError(f"placement group of {len(bundles)} bundles {unit} ({rollout.mode}) not placed within "
                           f"{timeout_s:.0f}s (cluster: {ray.cluster_resources()})") from None
-    return Placement(group, list(range(trainer_ranks)), engines, share, device)
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(group).get("bundles_to_node_id", {})
+    return Placement(group, list(range(trainer_ranks)), engines, share, device, tp, trainer_node,
+                     [nodes.get(b, "") for b in range(len(bundles))])
 
 
 NODE_ID_LABEL = "ray.io/node-id"  # Ray's own label of every node
@@ -211,7 +243,11 @@ class EnginePool:
         for i, name in enumerate(self.names):
             opts = dict(name=name, namespace=self.namespace, max_restarts=self.max_restarts, max_task_retries=0)
             opts.update(self.placement.engine_options(i) if self.placement else {"num_cpus": 1})
-            self.actors.append(cls.options(**opts).remote(i, self.engine_kwargs, self.engine_cls))
+            kwargs = dict(self.engine_kwargs)
+            devices = self.placement.cuda_devices(i) if self.placement else None
+            if devices is not None:
+                kwargs["cuda_visible_devices"] = devices
+            self.actors.append(cls.options(**opts).remote(i, kwargs, self.engine_cls))
         # vLLM start-up (~20 s on CPU) runs in every actor at once; health answers once __init__ is done.
         self._get([a.health.remote() for a in self.actors], "start-up", None, timeout_s)
         return self

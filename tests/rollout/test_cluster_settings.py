@@ -105,3 +105,22 @@ def test_two_runs_never_share_staging_files_and_remove_theirs():
                 p.wait()
         for name in _shm("prism_runA") + _shm("prism_runB"):
             os.unlink(f"/dev/shm/{name}")
+
+
+def test_engine_gpus_on_the_trainers_node_follow_the_ranks_local_numbering():
+    """Trainer ranks take GPU LOCAL_RANK outside Ray, so engines on their node get GPUs by the same numbering;
+    elsewhere Ray's assignment (a disaggregated bundle holds engine_tp GPUs) stands."""
+    from prism_mcore.rollout.engine_pool import Placement
+
+    a, b = "node-a", "node-b"
+    # 8 trainer ranks, 4 colocated engines of TP 2: engine i shares (and uses) GPUs 2i, 2i+1
+    colo = Placement(None, list(range(8)), [0, 2, 4, 6], 0.5, "gpu", 2, a, [a] * 8)
+    assert [colo.cuda_devices(i) for i in range(4)] == ["0,1", "2,3", "4,5", "6,7"]
+    assert colo.engine_options(1)["num_gpus"] == 0.5 and colo.engine_options(1)["num_cpus"] == 0
+    # 4 trainer ranks and 2 TP-2 engines on one node: the engines take GPUs 4-5 and 6-7, never a rank's
+    one = Placement(None, [0, 1, 2, 3], [4, 5], 1.0, "gpu", 2, a, [a] * 6)
+    assert [one.cuda_devices(i) for i in range(2)] == ["4,5", "6,7"] and one.engine_options(0)["num_gpus"] == 2.0
+    # two nodes: engines on the other node keep Ray's GPUs; one left on the trainer's node follows the ranks
+    two = Placement(None, [0, 1, 2, 3], [4, 5, 6], 1.0, "gpu", 2, a, [a] * 4 + [b, a, b])
+    assert [two.cuda_devices(i) for i in range(3)] == [None, "4,5", None]
+    assert Placement(None, [0], [1], 1.0, "cpu", 1, a, [a, a]).cuda_devices(0) is None  # CPU: nothing to pin
