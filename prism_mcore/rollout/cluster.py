@@ -20,6 +20,7 @@ class RayConnection:
     address: str
     trainer_node: str  # Ray node id of the driver
     device: str  # "gpu" or "cpu": what the engines' bundles ask for
+    temp_dir: str | None = None  # of a Ray started for the run: removed after it stops
 
 
 def ray_target(ray_address: str | None) -> str | None:
@@ -44,7 +45,18 @@ def connect(ray_address: str | None, namespace: str, num_cpus: int, temp_dir: st
                  object_store_memory=256 * 2**20, _temp_dir=temp_dir)
     device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     return RayConnection(not target, ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id(),
-                         device)
+                         device, None if target else temp_dir)
+
+
+def disconnect(conn: RayConnection | None) -> None:
+    """Leave Ray; a Ray started for the run stops with it, and its temp dir goes."""
+    import shutil
+
+    import ray
+
+    ray.shutdown()
+    if conn is not None and conn.owned and conn.temp_dir:
+        shutil.rmtree(conn.temp_dir, ignore_errors=True)
 
 
 def engine_settings(rollout, max_prompt_length: int, dtype: str, device: str) -> tuple[dict, str | None]:

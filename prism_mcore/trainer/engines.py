@@ -17,9 +17,7 @@ def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
     colocated on the trainer's bundles, disaggregated on bundles of their own, on other nodes when the
     cluster has them) and start the vLLM engine pool from the HF weights of the policy. `trainer_ranks`:
     the ranks on this node (their bundles keep engines off their CPUs/GPUs). Returns (pool, RayConnection)."""
-    import ray
-
-    from prism_mcore.rollout.cluster import connect, engine_settings, ray_target
+    from prism_mcore.rollout.cluster import connect, disconnect, engine_settings, ray_target
     from prism_mcore.rollout.engine_pool import EnginePool, make_placement
     from prism_mcore.rollout.transport import reap_orphaned_shm
     from prism_mcore.trainer.metrics import announce
@@ -41,7 +39,7 @@ def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
             announce(note)
         pool = EnginePool(model_dir, r, engine_kwargs=kwargs, placement=placement, namespace=namespace).start()
     except BaseException:
-        ray.shutdown()
+        disconnect(conn)
         raise
     return pool, conn
 
@@ -219,15 +217,16 @@ class Rollouts:
 
         release_arenas()
         if self.pool:
-            import ray
             from ray.util.placement_group import remove_placement_group
+
+            from prism_mcore.rollout.cluster import disconnect
 
             try:
                 self.pool.shutdown()
                 if self.pool.placement is not None:
                     remove_placement_group(self.pool.placement.group)
             finally:
-                ray.shutdown()
+                disconnect(self.conn)
 
 
 def _astuple(verdict) -> tuple[float, float, float]:
