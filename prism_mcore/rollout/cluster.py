@@ -41,8 +41,10 @@ def connect(ray_address: str | None, namespace: str, num_cpus: int, temp_dir: st
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ray.init(num_cpus=num_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, namespace=namespace,
-                 object_store_memory=256 * 2**20, _temp_dir=temp_dir)
+        # "local": a Ray of our own even when /tmp/ray/ray_current_cluster names another (ray.init's default
+        # would join that one, someone else's cluster on a shared machine).
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                 namespace=namespace, object_store_memory=256 * 2**20, _temp_dir=temp_dir)
     device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     return RayConnection(not target, ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id(),
                          device, None if target else temp_dir)
