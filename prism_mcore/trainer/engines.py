@@ -102,7 +102,9 @@ class Rollouts:
             raise ValueError("rollout.probe_every needs probe examples and the stage's step runner")
         self.pool, self.conn, self.transport = None, None, ""
         if dist.get_rank() == 0:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            # ranks on this node: torchrun and the spawner set LOCAL_WORLD_SIZE, srun SLURM_NTASKS_PER_NODE
+            local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+                        or dist.get_world_size())
             self.pool, self.conn = start_pool(cfg, model_dir, min(local, dist.get_world_size()))
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
