@@ -3,7 +3,10 @@ for real with images (a tiny Qwen3-VL policy and Qwen3-VL-MoE discriminator in M
 engines under Ray taking the images, the log-prob probe on image prompts after every weight sync), the
 report table (with perception accuracy and the image-blind level) and the PNG plot are written; then the
 align stage is killed with SIGKILL mid-run and restarted with the same command: it resumes from its last
-checkpoint and reproduces the uninterrupted run's next steps exactly."""
+checkpoint and reproduces the uninterrupted run's next steps exactly. That one (~2.5 min) runs with
+PRISM_RUN_SLOW=1 only, to keep `make test` within its 25 minutes; every run still kills a launcher with SIGKILL
+(tests/trainer/test_rl.py) and resumes SFT and the training checkpoint exactly (test_sft.py,
+test_training_checkpoint.py)."""
 import json
 import os
 import shlex
@@ -69,6 +72,7 @@ def test_demo_report(demo):
     assert disc["model_type"] == "qwen3_vl_moe" and disc["text_config"]["num_local_experts"] == 4
 
 
+@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow (~2.5 min): set PRISM_RUN_SLOW=1 to run")
 @pytest.mark.timeout(1600)
 def test_align_resumes_after_sigkill(demo, tmp_path):
     out, _ = demo
