@@ -197,14 +197,6 @@ class RolloutEngine(abc.ABC):
     def abort_update(self, version: int | None = None) -> None:
         """Drop what was staged (for `version`, or whatever is staged)."""
 
-    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> UpdateSummary:
-        """In-process convenience: stage everything as one bucket and commit."""
-        from prism_mcore.rollout.transport import LocalBucket
-
-        pairs = list(named_tensors)
-        self.receive_bucket(version, LocalBucket(pairs))
-        return self.commit_update(version, len(pairs))
-
     @abc.abstractmethod
     def sleep(self) -> bool:
         """Release what memory the platform lets us release while a colocated trainer runs; True when some

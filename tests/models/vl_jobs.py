@@ -253,12 +253,13 @@ def vl_round_trip(hf_dir: str, out_dir: str, ckpt_dir: str, first: dict, second:
     from prism_mcore.checkpoint.dist_ckpt import load_checkpoint, save_checkpoint
     from prism_mcore.checkpoint.hf_io import side_files
     from prism_mcore.models.qwen3_vl.model import build_qwen3_vl
-    from prism_mcore.models.qwen3_vl.weights import write_hf
+    from prism_mcore.checkpoint.hf_weights import write_hf
+    from prism_mcore.models.qwen3_vl.family import SPEC
 
     arch, _, model = _setup(hf_dir, first)
     path = save_checkpoint(ckpt_dir, 0, [model])
     cfg = _init(arch, second)
     model = build_qwen3_vl(arch, cfg.parallel, vision_seed=99)  # fresh values everywhere, overwritten below
     load_checkpoint(path, [model])
-    write_hf(model, arch, out_dir, side_files(hf_dir), max_shard_bytes=300_000)
+    write_hf(model, SPEC, arch, "policy", out_dir, list(side_files(hf_dir)), max_shard_bytes=300_000)
     return True

@@ -5,7 +5,7 @@
   vision.py      the vision tower (transformers' module, replicated over TP) and feature placement
   model.py       `Qwen3VLModel` (a GPTModel stage), `build_qwen3_vl(arch, parallel)`
   hf_adapter.py  HF <-> Megatron names and layouts (`hf_shapes`, `megatron_reader`, `hf_tensors`)
-  weights.py     `load_hf_weights(model, arch, hf_dir)`, `write_hf(model, arch, out_dir, side_files)`
+  weights.py     `load_hf_weights(model, arch, hf_dir)` (writing HF: checkpoint/hf_weights.write_hf with SPEC)
 
 Modules are imported by path (nothing here imports Megatron or transformers on package import).
 """

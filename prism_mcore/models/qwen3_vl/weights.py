@@ -7,7 +7,6 @@ transpose, and the vocabulary padding is stripped on the way out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -42,16 +41,3 @@ def load_hf_weights(model: torch.nn.Module, arch: Qwen3VLArch, hf_dir: str | Pat
     source = LazyCheckpoint(hf_dir)
     check_checkpoint(source, arch, expert_layout)
     return load_full(model, megatron_reader(arch, source.get, expert_layout))
-
-
-def write_hf(model: torch.nn.Module, arch: Qwen3VLArch, out_dir: str | Path, side_files: Iterable[Path] = (),
-             max_shard_bytes: int = 2 * 1024**3, expert_layout: str = RELEASED, overwrite: bool = False) -> None:
-    """Collective: stream the model (at any layout) into an HF directory written by rank 0, gathering one
-    tensor (one layer of a layered tensor) at a time (checkpoint/hf_weights.py); `side_files` (config.json,
-    tokenizer, processor files) are copied in. MoE experts are written in `expert_layout` (Qwen's released
-    one by default)."""
-    from prism_mcore.checkpoint.hf_weights import write_hf as write_any
-    from prism_mcore.models.qwen3_vl.family import SPEC
-
-    write_any(model, SPEC, arch, "policy", out_dir, list(side_files), max_shard_bytes, overwrite=overwrite,
-              expert_layout=expert_layout)
