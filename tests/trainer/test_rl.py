@@ -7,7 +7,6 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 RL = ["model.max_position_embeddings=512", "optim.lr=1e-3", "optim.weight_decay=0", "data.global_batch_size=2",
       "data.micro_batch_tokens=2048", "data.max_prompt_length=256", "rollout.n=4", "rollout.max_tokens=16",
@@ -16,17 +15,10 @@ RL = ["model.max_position_embeddings=512", "optim.lr=1e-3", "optim.weight_decay=
 
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from prism_mcore.data.tokenizer import qwen3_tokenizer
+    from tiny_policies import save_tiny_vllm_qwen3
 
     out = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=64,  # vLLM-CPU head sizes
-                                 max_position_embeddings=512, tie_word_embeddings=True,
-                                 eos_token_id=151645)).save_pretrained(out)
-    qwen3_tokenizer().save_pretrained(str(out))
+    save_tiny_vllm_qwen3(out)
     return out
 
 
