@@ -60,20 +60,22 @@ class HFTensorReceiver(RolloutEngine):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="receive")
         self._staging = StagedUpdate(engine_id, schema)
         self._version = 0
-        self.copy_s = 0.0
+        self.copy_s = self.receive_cpu_s = 0.0
+        self._planned: dict[tuple[str, int], list] = {}  # (plan key, id of the buffer) -> copy list
 
     def receive_bucket(self, version, bucket):
+        cpu0 = time.process_time()
         staged = self._staging.receive(version, self._version, bucket)
         t0 = time.perf_counter()
-        pieces = []
-        for name, t in bucket.open():
-            dst = self.shadow[name]
-            if t.is_contiguous() and t.numel() * t.element_size() > 2 * COPY_CHUNK:
-                src, dst = t.view(-1), dst.view(-1)
-                step = COPY_CHUNK // t.element_size()
-                pieces += [(dst[i:i + step], src[i:i + step]) for i in range(0, src.numel(), step)]
-            else:
-                pieces.append((dst, t))
+        # A sender's cached plan (RefBucket.key) always names the same views: its copy list, one per
+        # destination buffer, is made once. Older plans' lists go (they keep trainer storages mapped).
+        key = (getattr(bucket, "key", ""), id(self.shadow))
+        pieces = self._planned.get(key) if key[0] else None
+        if pieces is None:
+            pieces = self._copy_list(bucket)
+            if key[0]:
+                self._planned = {k: v for k, v in self._planned.items() if k[0] == key[0]}
+                self._planned[key] = pieces
         # Whole chunks per thread, not torch's intra-op split of each copy: the actor runs with one OpenMP
         # thread (Ray sets OMP_NUM_THREADS=num_cpus), and OpenMP's barrier per copy stalls under load, while
         # independent chunks keep every core copying (copy_ releases the GIL). memcpy, the reference, uses
@@ -81,7 +83,23 @@ class HFTensorReceiver(RolloutEngine):
         list(self.pool.map(lambda pair: pair[0].copy_(pair[1]), pieces))
         bucket.release()
         self.copy_s += time.perf_counter() - t0
+        self.receive_cpu_s += time.process_time() - cpu0
         return staged
+
+    def _copy_list(self, bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs: big contiguous tensors cut in COPY_CHUNK pieces. References come as
+        their source views (the QKV split is strided), copied straight into the HF-shaped destination
+        viewed in the source's shape."""
+        pieces = []
+        for name, t in bucket.sources() if hasattr(bucket, "sources") else bucket.open():
+            dst = self.shadow[name].view(t.shape)
+            if t.is_contiguous() and t.numel() * t.element_size() > 2 * COPY_CHUNK:
+                src, dst = t.view(-1), dst.view(-1)
+                step = COPY_CHUNK // t.element_size()
+                pieces += [(dst[i:i + step], src[i:i + step]) for i in range(0, src.numel(), step)]
+            else:
+                pieces.append((dst, t))
+        return pieces
 
     def commit_update(self, version, expected_tensors, digest=False):
         buckets = self._staging.take(version, expected_tensors, self._version)
@@ -89,8 +107,9 @@ class HFTensorReceiver(RolloutEngine):
         self.params, self.shadow = self.shadow, self.params
         prune_remote(buckets)
         self._version = version
-        copy_s, self.copy_s = self.copy_s, 0.0
-        return UpdateSummary(version, expected_tensors, nbytes, 0.0, {"receive_copy_s": copy_s})
+        extra = {"receive_copy_s": self.copy_s, "receive_cpu_s": self.receive_cpu_s}
+        self.copy_s = self.receive_cpu_s = 0.0
+        return UpdateSummary(version, expected_tensors, nbytes, 0.0, extra)
 
     def abort_update(self, version=None):
         self._staging.clear(version)
@@ -140,15 +159,17 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
 
     from prism_mcore.rollout.weight_sync import sync_weights
 
-    runs, copies = [], []
+    runs, copies, cpus = [], [], []  # cpus: the trainer process's CPU seconds in each sync
     for i in range(reps + 1):
         with torch.no_grad():  # new weights every version, as after an optimizer step
             for p in model.parameters():
                 p.add_(1e-3)
         gbps = memcpy.gbps() if memcpy else 0.0
         dist.barrier()
+        cpu0 = time.process_time()
         runs.append(sync_weights(model, cfg.model, endpoints, first_version + i, bucket_mb=bucket_mb,
                                  transport=transport))
+        cpus.append(time.process_time() - cpu0)
         copies.append(gbps)
     timed, copies = runs[1:], copies[1:]
     med = lambda xs: statistics.median(list(xs))  # noqa: E731
@@ -159,6 +180,8 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
            "pack_s": med(r.pack_s for r in timed),
            "send_s": med(r.send_s for r in timed), "commit_s": med(r.commit_s for r in timed),
            "receive_copy_s": med(next(iter(r.engines.values())).extra.get("receive_copy_s", 0.0) for r in timed),
+           "receive_cpu_s": med(next(iter(r.engines.values())).extra.get("receive_cpu_s", 0.0) for r in timed),
+           "trainer_cpu_s": med(cpus[1:]),
            "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies,
            "load_avg_1m": os.getloadavg()[0]}  # the machine may be shared: how busy it was
     out["gbps"] = out["bytes"] / out["seconds"] / 1e9

@@ -1,7 +1,8 @@
 """Weight sync, part 1: Megatron's training layout (TP/PP/EP shards over ranks) -> HF-named tensors, unit by
 unit (one layer of one tensor, or a non-layered tensor), each on one sender rank (weight_sync.py, steps 1-2).
 
-Plan (one metadata all-gather, cached on the model): every Megatron tensor is cut into units; each unit gets
+Plan (one metadata all-gather, cached on the model with, where possible, the rank's HF tensors as references
+into shared parameter memory: `own_refs`): every Megatron tensor is cut into units; each unit gets
 one *sender*, a rank that holds a piece of it, rotating over the holders so TP ranks share the work and each
 PP stage sends its own layers. Stream: units in the same order on every rank; holders send their pieces of a
 unit to its sender (point-to-point), which assembles it (a unit it holds whole is used in place) and converts
@@ -9,6 +10,7 @@ it with the family adapter's `hf_views`.
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -45,10 +47,19 @@ def _unit_order(key: str, layer: int | None) -> tuple:
     return (1, layer, key)
 
 
-# A model's plan lives on the model (attribute below): (fingerprint, this rank's shards, units). The shards
-# are views of the parameters, so a plan stays right for as long as the parameters keep their memory (the
-# fingerprint) and layout.
+# A model's plan lives on the model (attribute below). The shards are views of the parameters, so a plan stays
+# right for as long as the parameters keep their memory (the fingerprint) and layout.
 _PLAN_ATTR = "_prism_weight_sync_plan"
+
+
+@dataclass
+class _Plan:
+    fingerprint: tuple
+    mine: list  # this rank's primary shards (views of the parameters)
+    units: list[_Unit]
+    # This rank's whole share as references into shared parameter memory, (refs, bytes, key), once
+    # `own_refs` worked it out; False when some of it needs assembly or staging.
+    refs: Any = None
 
 
 def _fingerprint(model: torch.nn.Module, model_cfg) -> tuple:
@@ -56,23 +67,58 @@ def _fingerprint(model: torch.nn.Module, model_cfg) -> tuple:
             tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in model.parameters()))
 
 
-def _cached_plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
+def _cached_plan(model: torch.nn.Module, model_cfg) -> _Plan:
     """`_plan`, computed once per model: Megatron's sharded_state_dict and the metadata all-gather cost
     tens of ms per sync. Whether the cached plan is still valid is agreed on by all ranks (one tiny
     all-reduce), so either every rank re-plans or none."""
     fingerprint = _fingerprint(model, model_cfg)
     cached = getattr(model, _PLAN_ATTR, None)
-    valid = torch.tensor([1 if cached is not None and cached[0] == fingerprint else 0])
+    valid = torch.tensor([1 if cached is not None and cached.fingerprint == fingerprint else 0])
     dist.all_reduce(valid, op=dist.ReduceOp.MIN)
     if bool(valid.item()):
-        return cached[1], cached[2]
-    mine, units = _plan(model, model_cfg)
+        return cached
+    plan = _Plan(fingerprint, *_plan(model, model_cfg))
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    plan = None
-    if all(s.data.untyped_storage().data_ptr() in storages for s in mine):  # only views can be reused
-        plan = (fingerprint, mine, units)
-    object.__setattr__(model, _PLAN_ATTR, plan)  # a plain attribute, not a registered submodule or buffer
-    return mine, units
+    # only views can be reused (a plan whose shards are copies is made again on every sync)
+    keep = all(s.data.untyped_storage().data_ptr() in storages for s in plan.mine)
+    object.__setattr__(model, _PLAN_ATTR, plan if keep else None)  # a plain attribute, not a submodule
+    return plan
+
+
+def own_refs(model_cfg, plan: _Plan) -> tuple[list, int, str] | None:
+    """This rank's HF tensors as references into its shared parameter memory (transport_refs), worked out
+    once per plan, when every unit this rank holds a piece of is held by it alone (no point-to-point
+    traffic, so other ranks expect nothing from it), is one view of its memory (no assembly) and every
+    parameter storage was shared (`share_weights_memory`). None otherwise: the sync streams as usual.
+    With refs, a steady-state sync costs this rank one message per engine; the values are read when the
+    engines copy, so the plan stays right across optimizer steps (in-place updates)."""
+    if plan.refs is None:
+        plan.refs = _own_refs(model_cfg, plan.mine, plan.units) or False
+    return plan.refs or None
+
+
+def _own_refs(model_cfg, mine: list, units: list[_Unit]) -> tuple[list, int, str] | None:
+    from prism_mcore.rollout.transport import Reshaped
+    from prism_mcore.rollout.transport_refs import shared_ref
+
+    me = dist.get_rank()
+    refs, nbytes = [], 0
+    for unit in units:
+        holders = {p.rank for p in unit.pieces}
+        if me not in holders:
+            continue
+        if holders != {me}:
+            return None
+        value = _in_place(unit, me, mine)
+        if value is None:
+            return None
+        for name, t in _hf_sources(model_cfg, unit.key, unit.layer, value):
+            ref = shared_ref(name, t.source, t.shape) if isinstance(t, Reshaped) else shared_ref(name, t)
+            if ref is None:
+                return None
+            refs.append(ref)
+            nbytes += t.numel() * t.element_size()
+    return refs, nbytes, uuid.uuid4().hex  # the key: new for every plan, so receivers never mix two
 
 
 def _plan(model: torch.nn.Module, model_cfg) -> tuple[list, list[_Unit]]:
@@ -208,6 +254,6 @@ def iter_hf_tensors(model: torch.nn.Module, model_cfg) -> Iterator[tuple[str, to
     pairs of that unit. Every rank must drain the iterator. Tensors may be views of live parameters."""
     from prism_mcore.rollout.transport import Reshaped
 
-    mine, units = _cached_plan(model, model_cfg)
-    for name, t in _iter_sources(model_cfg, mine, units):
+    plan = _cached_plan(model, model_cfg)
+    for name, t in _iter_sources(model_cfg, plan.mine, plan.units):
         yield name, t.materialize() if isinstance(t, Reshaped) else t

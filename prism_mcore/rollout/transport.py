@@ -9,10 +9,9 @@ A bucket is a byte buffer plus a table of `TensorEntry` (name, dtype, shape, off
   * `DistBucket` - across nodes (transport_dist.py): the sender broadcasts the buffer in a torch.distributed
                    group (gloo for CPU tensors, nccl for CUDA ones) that it shares with every engine; only the
                    header goes through Ray, and each engine posts its receive when the header arrives.
-  * `RefBucket`  - zero-copy within a node: references (storage handle, offset, shape, strides) into the
-                   trainer's own parameters, after `share_in_place` moved them to named shared memory
-                   (the CPU counterpart of passing CUDA IPC handles). Engines read the live parameters
-                   when they apply the update, while the trainer waits in the sync.
+  * `RefBucket`  - zero-copy within a node (transport_refs.py): references (storage handle, offset, shape,
+                   strides) into the trainer's own parameters, after `share_in_place` moved them to named
+                   shared memory. Engines read the live parameters while the trainer waits in the sync.
 The sender (`BucketPacker`) holds at most one bucket's worth of tensor references before it flushes.
 """
 from __future__ import annotations
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 from prism_mcore.rollout.engine import TensorEntry
+from prism_mcore.rollout.transport_refs import (RefBucket, SharedRef, prune_remote,  # noqa: F401 (re-export)
+                                                share_in_place, shared_ref)
 
 REF_GROUP_BYTES = 128 * 2**20  # references per message (at most a bucket): engines start early, and
 # few messages (each costs an engine ~1-2 ms of Ray task overhead)
@@ -202,82 +203,6 @@ def release_arenas() -> None:
     _ARENAS.clear()
 
 
-# ---- zero-copy references into the trainer's shared parameters ------------------------------------------
-
-# storage data_ptr -> (the storage, kept alive so the address cannot be reused; torch's file_system handle)
-_SHARED: dict[int, tuple[torch.UntypedStorage, tuple[bytes, bytes, int]]] = {}
-
-
-def share_in_place(tensors) -> int:
-    """Move the storages of `tensors` to named shared memory in place (every view, e.g. Megatron's DDP
-    parameter buffer and its parameter views, stays valid). Returns the bytes moved."""
-    moved = 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() in _SHARED or storage.nbytes() == 0:
-            continue
-        handle = storage._share_filename_cpu_()  # torch.multiprocessing's file_system sharing, in place
-        _SHARED[storage.data_ptr()] = (storage, handle)
-        moved += storage.nbytes()
-    return moved
-
-
-@dataclass
-class SharedRef:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # in elements, from the start of the storage
-    handle: tuple[bytes, bytes, int]
-
-
-def shared_ref(name: str, t: torch.Tensor) -> SharedRef | None:
-    entry = _SHARED.get(t.untyped_storage().data_ptr())
-    if entry is None:
-        return None
-    return SharedRef(name, _dtype_name(t), tuple(t.shape), tuple(t.stride()), t.storage_offset(), entry[1])
-
-
-_REMOTE: dict[bytes, torch.UntypedStorage] = {}  # receiver side: mapped trainer storages, by shm name
-_REMOTE_MAX = 4096
-
-
-def _remote_storage(handle: tuple[bytes, bytes, int]) -> torch.UntypedStorage:
-    manager, name, size = handle
-    if name not in _REMOTE:
-        if len(_REMOTE) >= _REMOTE_MAX:  # a restarted trainer has new handles; forget the oldest
-            del _REMOTE[next(iter(_REMOTE))]
-        _REMOTE[name] = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
-    return _REMOTE[name]
-
-
-def prune_remote(buckets: list) -> None:
-    """Receiver side, after a commit: unmap trainer storages this update did not use (e.g. those of a
-    trainer process that has since restarted), so their memory can be freed."""
-    keep = {r.handle[1] for b in buckets if isinstance(b, RefBucket) for r in b.refs}
-    for name in [n for n in _REMOTE if n not in keep]:
-        del _REMOTE[name]
-
-
-@dataclass
-class RefBucket:
-    refs: list[SharedRef]
-
-    def open(self) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for r in self.refs:
-            view = torch.empty(0, dtype=getattr(torch, r.dtype))
-            out.append((r.name, view.set_(_remote_storage(r.handle), r.offset, r.shape, r.stride)))
-        return out
-
-    def entries(self) -> list[TensorEntry]:
-        return [TensorEntry(r.name, r.dtype, r.shape, 0) for r in self.refs]
-
-    def release(self) -> None:
-        pass
-
-
 # ---- packing --------------------------------------------------------------------------------------------
 
 def layout_table(pairs: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorEntry], int]:
@@ -384,7 +309,10 @@ class BucketPacker:
 
     def add(self, name: str, tensor: "torch.Tensor | Reshaped") -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        ref = shared_ref(name, tensor) if self.transport == "shm" and isinstance(tensor, torch.Tensor) else None
+        ref = None
+        if self.transport == "shm":  # a view of shared trainer memory travels as a reference (transport_refs)
+            ref = shared_ref(name, tensor.source, tensor.shape) if isinstance(tensor, Reshaped) else \
+                shared_ref(name, tensor)
         if ref is not None:
             # References cost no staging memory: send them in small groups so engines start reading early.
             # Copies pending since the last group go first, so buckets stay in (layer) order: vLLM's layerwise
@@ -402,6 +330,20 @@ class BucketPacker:
             self.pending_bytes += nbytes
         self.tensors += 1
         self.bytes += nbytes
+
+    def add_refs(self, refs: list[SharedRef], nbytes: int, key: str) -> None:
+        """A cached plan's references (`nbytes` in all, plan `key`; weight_sync's steady state), sent as one
+        bucket: with nothing to pack on this side, one message per engine lets the engine copy everything
+        with all its threads."""
+        self._flush_copies()
+        self._flush_refs()
+        self.tensors += len(refs)
+        self.bytes += nbytes
+        self.ref_bytes += nbytes
+        self.buckets += 1
+        t0 = time.perf_counter()
+        self.send(RefBucket(refs, key))
+        self.send_s += time.perf_counter() - t0
 
     def flush(self) -> None:
         """Send what is pending; with torch_distributed, also wait until every broadcast completed."""

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from prism_mcore.rollout.probe import Probe, check_probe
-from prism_mcore.rollout.sync_plan import _cached_plan, _iter_sources, iter_hf_tensors  # noqa: F401 (re-export)
+from prism_mcore.rollout.sync_plan import (_cached_plan, _iter_sources, iter_hf_tensors,  # noqa: F401 (re-export)
+                                           own_refs)
 from prism_mcore.rollout.transport import BucketPacker, arena, sender_tag
 
 log = logging.getLogger("prism.rollout")
@@ -82,6 +83,7 @@ class SyncStats:
     bytes: int = 0
     buckets: int = 0
     ref_bytes: int = 0  # of `bytes`, sent as references into shared trainer memory (share_weights_memory)
+    planned_ranks: int = 0  # ranks that sent only their cached plan's references (sync_plan.own_refs)
     seconds: float = 0.0
     stream_s: float = 0.0  # gather + convert + pack + deliver (rank 0)
     convert_s: float = 0.0  # of which gathering pieces and converting to HF tensors (rank 0)
@@ -99,8 +101,10 @@ def share_weights_memory(model: torch.nn.Module) -> int:
     """Opt-in zero-copy sending (same node, shm transport): move this rank's parameters to named shared
     memory in place, once, after the model and optimizer are built (DDP buffers included). From then on
     every HF tensor that is a view of a parameter (whole on this rank: TP=1 layers, a PP stage's layers,
-    an EP rank's experts) is sent as a reference and read by the engines straight from trainer memory;
-    assembled tensors (TP pieces, the QKV split) still go through the staging buckets. Returns bytes moved."""
+    an EP rank's experts; also strided views such as the QKV split) is sent as a reference and read by the
+    engines straight from trainer memory; tensors assembled from TP pieces still go through the staging
+    buckets. A rank with nothing to assemble sends its cached references in one message per engine
+    (sync_plan.own_refs). Returns bytes moved."""
     from prism_mcore.rollout.transport import share_in_place
 
     return share_in_place(p for p in model.parameters())
@@ -262,9 +266,17 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
                           dist_sender=dist_sender)
     # Keep draining the collective even after a local failure, or the other ranks would wait forever.
     t_loop = time.perf_counter()
-    mine, units = _cached_plan(model, model_cfg)
+    plan = _cached_plan(model, model_cfg)
+    # Steady state of zero-copy (shm, shared parameters, nothing to assemble on this rank): the cached
+    # references go to every engine in one message and this rank only waits while the engines copy.
+    refs = own_refs(model_cfg, plan) if transport == "shm" else None
     with _no_torch_function():
-        for name, tensor in _iter_sources(model_cfg, mine, units):
+        if refs is not None and error is None:
+            try:
+                packer.add_refs(*refs)
+            except Exception as e:  # noqa: BLE001
+                error = f"rank {me}: {e}"
+        for name, tensor in () if refs is not None else _iter_sources(model_cfg, plan.mine, plan.units):
             if error is None:
                 try:
                     packer.add(name, tensor)
@@ -282,9 +294,11 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
     stats.convert_s = time.perf_counter() - t_loop - packer.pack_s - packer.send_s
     packer.cleanup()  # also waits for broadcasts still in flight, so the group stays usable
     reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets, packer.ref_bytes))
+    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets, packer.ref_bytes,
+                                     int(refs is not None)))
     errors = [r[0] for r in reports if r[0]]
-    stats.tensors, stats.bytes, stats.buckets, stats.ref_bytes = (sum(r[i] for r in reports) for i in (1, 2, 3, 4))
+    stats.tensors, stats.bytes, stats.buckets, stats.ref_bytes, stats.planned_ranks = (
+        sum(r[i] for r in reports) for i in (1, 2, 3, 4, 5))
 
     outcome: list = [None]
     if me == 0:

@@ -200,3 +200,57 @@ def sync_over_torch_distributed(hf_dir: str, layout: dict, endpoints, first_vers
                                 transport="torch_distributed")
     out["retry_scores"] = scores()
     return out if me == 0 else None
+
+
+def sync_cached_plan(hf_dir: str, layout: dict, endpoints, first: int):
+    """Zero-copy syncs (versions first..first+3) to fake engines that return the tensors they applied: v1
+    works out the plan, a real
+    optimizer step changes every parameter in place and v2 goes through the cached plan, then rank 0 moves
+    one parameter to new (unshared) memory, a layout change, so v3 re-plans and streams that rank, and
+    after sharing it again v4 is all references once more. Rank 0 returns, per sync: the stats, whether
+    the plan object is the one of the sync before, and the HF tensors the engines got that differ from
+    the model's own (iter_hf_tensors, every rank's gathered)."""
+    import torch.distributed as dist
+
+    from prism_mcore.rollout.sync_plan import _PLAN_ATTR
+    from prism_mcore.rollout.weight_sync import iter_hf_tensors, share_weights_memory, sync_weights
+
+    cfg, model = build_from_hf(hf_dir, layout)
+    share_weights_memory(model)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    torch.manual_seed(0)  # the same draws on every rank: replicated shards stay equal
+
+    def expected() -> dict:
+        """From a plan made now, not the cached one the sync used (restored after)."""
+        cached = getattr(model, _PLAN_ATTR)
+        object.__setattr__(model, _PLAN_ATTR, None)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, {n: t.clone() for n, t in iter_hf_tensors(model, cfg.model)})
+        object.__setattr__(model, _PLAN_ATTR, cached)
+        return {n: t for part in every for n, t in part.items()}
+
+    out, plan = [], None
+    for i in range(4):
+        version = first + i
+        if i == 2 and dist.get_rank() == 0:  # new memory, before the step: the old one keeps stale values
+            params[0].data = params[0].data.clone()
+        if i > 0:
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        if i == 3:
+            share_weights_memory(model)
+        stats = sync_weights(model, cfg.model, endpoints, version, bucket_mb=0.05, timeout_s=120, digest=True)
+        want = expected()
+        same_plan = getattr(model, _PLAN_ATTR) is plan
+        plan = getattr(model, _PLAN_ATTR)
+        if dist.get_rank() == 0:
+            got = {name: s.extra["tensors"] for name, s in stats.engines.items()}
+            bad = sorted({n for g in got.values() for n in set(g) | set(want)
+                          if n not in g or n not in want or not torch.equal(g[n], want[n])})
+            changed = sum(not torch.equal(a, b) for a, b in zip(want.values(), out[-1]["want"].values())) \
+                if out else None
+            out.append({"stats": stats, "same_plan": same_plan, "bad": bad, "changed": changed, "want": want,
+                        "names": len(want)})
+    return [{k: v for k, v in o.items() if k != "want"} for o in out] if dist.get_rank() == 0 else None
