@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ALIGN_STEPS = 3
 
@@ -29,6 +30,15 @@ def demo(tmp_path_factory):
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
     return out, res.stdout
+
+
+def _tensors(hf_dir):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def _rows(path):
@@ -67,6 +77,13 @@ def test_demo_report(demo):
     assert summary["image_blind_accuracy"] is not None and summary["perception"]["sft"] is not None
     evals = [r for r in _rows(out / "grpo" / "metrics.jsonl") if "eval_accuracy" in r]
     assert {"eval_perception_accuracy", "eval_perception_f1", "eval_val_blind_accuracy"} <= set(evals[-1])
+    # SFT starts from OUT/init (random language model, tower pretrained on the scenes); the tower stays frozen
+    assert f"model.hf_path={out / 'init'}" in (out / "sft" / "command.txt").read_text()
+    assert {"val_loss", "val_cell_acc", "val_digit_acc"} <= set(report["vision_tower"])
+    init, sft = _tensors(out / "init"), _tensors(out / "grpo" / "hf")
+    tower = [k for k in init if k.startswith("model.visual.")]
+    assert len(tower) > 10 and all(torch.equal(init[k], sft[k]) for k in tower)
+    assert not torch.equal(init["model.language_model.norm.weight"], sft["model.language_model.norm.weight"])
     # the discriminator (a Qwen3-VL-MoE with its value head) is exported next to the aligned policy
     disc = json.loads((out / "align" / "discriminator_hf" / "config.json").read_text())
     assert disc["model_type"] == "qwen3_vl_moe" and disc["text_config"]["num_local_experts"] == 4

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prism_mcore.algorithms.perception import COLOURS, QUADRANTS, SHAPES, fact_text
-from prism_mcore.data.synthetic import SYSTEM_PROMPT, caption_text, cot_text
+from prism_mcore.data.synthetic import caption_text, cot_text
 
 DATA_SOURCE = "prism_visual"
 CELL = 16  # px: one vision patch
@@ -258,7 +258,11 @@ def user_text(p: VisualProblem) -> str:
 
 
 def prompt_messages(p: VisualProblem) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text(p)}]
+    """The user turn alone: no system prompt. The tiny demo policy learns the format from SFT either way, and
+    without the 37 format-instruction tokens its attention finds the image sooner (600 SFT steps x 8 from the
+    pretrained tower: caption F1 0.42 against 0.26, held-out accuracy 27% against 20%; docs/pipeline.md).
+    The warm-up pairs say so too (`"system": ""`), so the discriminator sees the prompts the policy sees."""
+    return [{"role": "user", "content": user_text(p)}]
 
 
 def caption_lines(p: VisualProblem) -> list[str]:

@@ -135,7 +135,9 @@ def write_warmup_jsonl(problems: Sequence[VisualProblem], path: str | os.PathLik
     image_dir = Path(image_dir) if image_dir is not None else _default_image_dir(path, False)
     files = write_images(problems, image_dir)
     rng = random.Random(f"prism-visual-warmup/{seed}")
-    rows = [{**warmup_record(p, rng), "image": _relative(f, path.parent)} for p, f in zip(problems, files)]
+    # "system": "" = no system prompt, as the task's prompts (visual_task.prompt_messages) have none
+    rows = [{**warmup_record(p, rng), "system": "", "image": _relative(f, path.parent)}
+            for p, f in zip(problems, files)]
     return write_jsonl(path, rows)
 
 

@@ -84,8 +84,9 @@ def _user_turn(prompt: str, raw_image: Any, images: ImageProcessor, base_dir: st
 def pairs_from_record(record: Any, system_prompt: str = SYSTEM_PROMPT, image_base_path: str | None = None,
                       line: int = 0, images: ImageProcessor | None = None, base_dir: str | None = None
                       ) -> tuple[list[PairExample], str | None]:
-    """(pairs, None) for a usable record, else ([], reason). With `images`, the line's image is checked and
-    put in the user turn; relative paths are read against `image_base_path`, else `base_dir`."""
+    """(pairs, None) for a usable record, else ([], reason). The system turn is the record's `system` when it
+    has one ("" = none), else `system_prompt`. With `images`, the line's image is checked and put in the user
+    turn; relative paths are read against `image_base_path`, else `base_dir`."""
     if not isinstance(record, dict):
         return [], "not_an_object"
     prompt = _text(record, "prompt") or _text(record, "question")
@@ -103,7 +104,11 @@ def pairs_from_record(record: Any, system_prompt: str = SYSTEM_PROMPT, image_bas
                                            None if image_base_path else base_dir)
         if user is None:
             return [], reason
-    messages = [{"role": "system", "content": system_prompt}, user]
+    # a line's own "system" (as LLaMA-Factory records carry it) wins; "" means no system turn at all
+    system = record.get("system", system_prompt)
+    if not isinstance(system, str):
+        return [], "bad_system"
+    messages = ([{"role": "system", "content": system}] if system else []) + [user]
     if None not in seg.values():
         return [PairExample(messages, seg["teacher_caption"], seg["student_caption"], "perception", image, line,
                             sources),

@@ -4,6 +4,8 @@
   data     the synthetic visual task (PIL scenes whose answer needs the image: counts, colours, digits,
            positions), teacher demonstrations whose caption describes the image, warm-up pairs, RL and
            held-out sets, and the held-out set's image-blind twin (blank images)
+  init     the starting policy: random language model, vision tower pretrained on the task's scenes
+           (trainer/demo_tower.py; stands in for Qwen3-VL's pretrained tower, frozen from here on)
   sft      tiny policy (real Qwen3 vocabulary) <- teacher demonstrations             TP2
   warm-up  SFT policy --upcycle--> 4-expert MoE discriminator, pairwise Bradley-Terry  TP2 + SP
   align    PRISM: policy vs discriminator, rollouts from a vLLM engine              TP2 + TP2/SP
@@ -21,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism_mcore.trainer.demo_tower import TowerPretraining
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -37,6 +41,7 @@ class DemoPlan:
     difficulties: tuple[int, ...] = (0, 1)  # equal shares; 0 = one arithmetic step, 1 = two or three
     # "STAGE.key=value" overrides (STAGE: sft, disc_warmup, align, grpo, baseline, or all)
     overrides: list[str] = field(default_factory=list)
+    tower: TowerPretraining = field(default_factory=TowerPretraining)  # the visual policy's starting tower
 
     @property
     def config_dir(self) -> Path:
@@ -107,6 +112,24 @@ def _stage(plan: DemoPlan, name: str, config: str, overrides: list[str], console
     return out
 
 
+def _initial_policy(plan: DemoPlan, console) -> Path:
+    """OUT/init: the visual policy SFT starts from (random language model, pretrained tower); kept on a re-run."""
+    from prism_mcore.config import load_config
+    from prism_mcore.trainer.demo_tower import write_initial_policy
+
+    init = plan.out / "init"
+    if (init / "config.json").exists():
+        console.print(f"[dim]init: done already ({init})[/dim]")
+        return init
+    cfg = load_config(plan.config_dir / "sft.yaml", plan.stage_overrides("sft"))
+    console.rule(f"init: vision tower pretraining on the task's scenes, {plan.tower.steps} steps")
+    t0 = time.monotonic()
+    result = write_initial_policy(cfg.model, init, plan.tower, plan.difficulties, console)
+    (plan.out / "vision" / "stage_seconds.json").write_text(json.dumps({"seconds": time.monotonic() - t0}))
+    console.print("vision tower, held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    return init
+
+
 def run_pipeline(plan: DemoPlan) -> dict:
     from rich.console import Console
 
@@ -118,7 +141,10 @@ def run_pipeline(plan: DemoPlan) -> dict:
     files = write_data(plan)
     val_files = [files["val"]] + ([files["val_blind"]] if "val_blind" in files else [])
     val = [f"data.val_files=[{','.join(map(str, val_files))}]"]
-    sft = _stage(plan, "sft", "sft.yaml", [f"data.train_files=[{files['sft']}]"], console)
+    sft_args = [f"data.train_files=[{files['sft']}]"]
+    if not plan.text:
+        sft_args.append(f"model.hf_path={_initial_policy(plan, console)}")
+    sft = _stage(plan, "sft", "sft.yaml", sft_args, console)
     disc_init = plan.out / "disc_init"
     if not (disc_init / "config.json").exists():
         upcycle(sft / "hf", disc_init, num_experts=4, top_k=2, noise_std=0.01, seed=0, overwrite=True)
@@ -138,6 +164,10 @@ def run_pipeline(plan: DemoPlan) -> dict:
                                            *val], console)
     report = build_report(plan.out)
     report["seconds"] = time.monotonic() - t0
+    tower_metrics = plan.out / "vision" / "metrics.jsonl"
+    if tower_metrics.exists():  # the starting tower's held-out read-out (trainer/demo_tower.py)
+        last = json.loads(tower_metrics.read_text().splitlines()[-1])
+        report["vision_tower"] = {k: v for k, v in last.items() if k.startswith("val_")}
     report["stage_seconds"] = {p.parent.name: json.loads(p.read_text())["seconds"]
                                for p in sorted(plan.out.glob("*/stage_seconds.json"))}
     (plan.out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
@@ -151,7 +181,8 @@ def run_pipeline(plan: DemoPlan) -> dict:
 def run_demo(out: str | Path, overrides: list[str], quick: bool = False, text: bool = False) -> int:
     plan = DemoPlan(Path(out), text=text, overrides=list(overrides))
     if quick:  # a smoke run of every stage (tests): a few steps each, small data
-        plan = DemoPlan(Path(out), text=text, num_sft=64, num_pairs=16, num_rl=16, num_val=4, overrides=[
+        plan = DemoPlan(Path(out), text=text, num_sft=64, num_pairs=16, num_rl=16, num_val=4,
+                        tower=TowerPretraining(steps=2, images_per_step=4, num_train=8, num_val=2), overrides=[
             "sft.trainer.steps=2", "disc_warmup.trainer.steps=2", "align.trainer.steps=1", "grpo.trainer.steps=1",
             "all.rollout.max_tokens=16", "all.rollout.n=2", "all.data.global_batch_size=2", *overrides])
     report = run_pipeline(plan)

@@ -211,5 +211,7 @@ def test_writers_read_back_by_the_readers(tmp_path, tok):
     pairs, skipped = load_warmup_pairs(pairs_path, images=ip)
     assert len(pairs) == 24 and not skipped
     assert pairs[0].images[0].open().tobytes() == vt.render(ps[0]).tobytes()
-    assert pairs[1].chosen == vt.teacher_cot(ps[0]) and pairs[0].prompt_messages[1]["content"][1]["text"] == \
+    assert pairs[1].chosen == vt.teacher_cot(ps[0]) and pairs[0].prompt_messages[0]["content"][1]["text"] == \
         ps[0].question
+    # no system turn, as in the task's own prompts: the discriminator sees what the policy sees
+    assert [m["role"] for m in pairs[0].prompt_messages] == [m["role"] for m in vt.prompt_messages(ps[0])] == ["user"]

@@ -36,15 +36,20 @@ def test_fallback_missing_fields_and_images(tmp_path):
         "not json",
         json.dumps(["a list"]),
         "",
+        json.dumps({**full, "question": "Q3", "system": "own"}),  # a line's own system prompt wins
+        json.dumps({**full, "question": "Q4", "system": ""}),     # "" = no system turn
+        json.dumps({**full, "system": 3}),
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(lines))
     pairs, skipped = load_warmup_pairs(path, system_prompt="SYS", image_base_path="/data")
-    assert [(p.stream, p.chosen, p.rejected, p.line) for p in pairs] == [
+    assert [(p.stream, p.chosen, p.rejected, p.line) for p in pairs[:3]] == [
         ("perception", "tc", "sc", 1), ("reasoning", "tr", "sr", 1), ("response", "T", "S", 2)]
+    assert pairs[3].prompt_messages == [{"role": "system", "content": "own"}, {"role": "user", "content": "Q3"}]
+    assert pairs[5].prompt_messages == [{"role": "user", "content": "Q4"}] and len(pairs) == 7
     assert pairs[0].prompt_messages == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"}]
     assert pairs[0].image == "/data/img/a.png" and pairs[2].image == "https://x/b.png"
-    assert skipped == Counter(missing_field=2, missing_prompt=1, invalid_json=1, not_an_object=1)
+    assert skipped == Counter(missing_field=2, missing_prompt=1, invalid_json=1, not_an_object=1, bad_system=1)
 
 
 def test_unusable_file_is_a_data_error(tmp_path):
