@@ -1,6 +1,8 @@
 """Zero-copy syncs through the cached plan (sync_plan.own_refs): after an optimizer step the engines get the
 new values bit for bit from one message per rank, and a layout change invalidates the plan. Real Megatron
 trainer ranks, fake engines (no vLLM) that hand back what they applied."""
+import os
+
 import pytest
 
 from pool_helpers import rollout_config
@@ -42,6 +44,7 @@ def test_cached_plan_after_optimizer_step_and_layout_change(echo_pool, ranks, wo
     assert moved["stats"].planned_ranks == world - 1 and 0 < moved["stats"].ref_bytes < moved["stats"].bytes
 
 
+@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow: set PRISM_RUN_SLOW=1 to run (make test's 25 minutes)")
 @pytest.mark.timeout(300)
 def test_tp2_ranks_stream_their_pieces(echo_pool, ranks):
     """TP2: most units are split over both ranks, so neither rank has a plan of references; the sync streams
