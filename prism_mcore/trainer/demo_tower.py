@@ -175,16 +175,13 @@ def write_initial_policy(model_cfg, out: str | Path, settings: TowerPretraining,
     out = Path(out)
     metrics = Metrics(out.parent / "vision", "vision")
     try:
-        if console is not None:
-            from rich.progress import Progress
+        from rich.progress import Progress
 
-            with Progress(console=console, transient=True) as bar:
-                task_id = bar.add_task("vision tower", total=settings.steps)
-                tower, result = pretrain_tower(
-                    spec, arch, settings, difficulties, metrics,
-                    lambda step, loss: bar.update(task_id, completed=step, description=f"vision tower loss {loss:.3f}"))
-        else:
-            tower, result = pretrain_tower(spec, arch, settings, difficulties, metrics)
+        with Progress(console=console, transient=True, disable=console is None) as bar:
+            task_id = bar.add_task("vision tower", total=settings.steps)
+            tower, result = pretrain_tower(
+                spec, arch, settings, difficulties, metrics,
+                lambda step, loss: bar.update(task_id, completed=step, description=f"vision tower loss {loss:.3f}"))
         metrics.log(settings.steps, result)
     finally:
         metrics.close()

@@ -53,19 +53,18 @@ class TimedRunner:
         self.runner = runner
         self.forward_s = self.train_s = 0.0
 
-    def forward(self, *args, **kwargs):
+    def _timed(self, kind: str, *args, **kwargs):
         t = time.perf_counter()
         try:
-            return self.runner.forward(*args, **kwargs)
+            return getattr(self.runner, kind)(*args, **kwargs)
         finally:
-            self.forward_s += time.perf_counter() - t
+            setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + time.perf_counter() - t)
+
+    def forward(self, *args, **kwargs):
+        return self._timed("forward", *args, **kwargs)
 
     def train(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return self.runner.train(*args, **kwargs)
-        finally:
-            self.train_s += time.perf_counter() - t
+        return self._timed("train", *args, **kwargs)
 
 
 def run_rl(cfg: PrismConfig) -> dict:
