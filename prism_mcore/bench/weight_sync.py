@@ -5,15 +5,16 @@ plan + Megatron shards -> HF tensors (`hf_tensors`) -> buckets in /dev/shm stagi
 stages them (validated, via Ray) -> commit on every engine. Receiving engines:
   * `receiver`: the receiving side of the transport plus a copy of every tensor into an HF-layout model
     (preallocated tensors, double-buffered: buckets are copied into the shadow set as they arrive and the
-    commit swaps it in) held by the receiving process, in 8 MB chunks over one thread per core;
+    commit swaps it in) held by the receiving process, in equal byte shares over one thread per core;
   * `vllm`: a real vLLM engine (load_format=dummy, so no checkpoint is written); its commit is vLLM's
     layerwise reload, which on CPU also re-packs every linear layer for oneDNN.
 Two sender modes are timed: `copy` (every tensor packed into the /dev/shm staging slots) and `zero_copy`
 (after `share_weights_memory`: tensors that are views of this rank's parameters travel as references and
 the engine reads them from trainer memory; the headline with --transport shm, the default). Per mode, the first sync
 (allocating and mapping staging) is a warm-up and the median of the next `--reps` is reported. memcpy:
-`dst.copy_(src)` of a pre-faulted 1 GiB (`--memcpy-mb`) float32 tensor in the trainer process, measured
-right before every timed sync (median), since the machine may be shared.
+the faster of `dst.copy_(src)` and an equal-shares memmove over every core, of a pre-faulted 1 GiB
+(`--memcpy-mb`) float32 tensor in the trainer process, measured right before every timed sync (median),
+since the machine may be shared.
 """
 from __future__ import annotations
 
@@ -35,9 +36,6 @@ from prism_mcore.rollout.transport import prune_remote
 HELP = "Megatron -> engine weight sync GB/s and its ratio to memcpy GB/s"
 
 
-COPY_CHUNK = 8 * 2**20  # bytes per copy task of the receiver's threads
-
-
 class HFTensorReceiver(RolloutEngine):
     """An engine without inference whose weights are HF-layout tensors owned by this process.
 
@@ -54,52 +52,38 @@ class HFTensorReceiver(RolloutEngine):
             return {n: torch.empty(shape, dtype=getattr(torch, dtype)).fill_(0) for n, (shape, dtype) in schema.items()}
 
         self.params, self.shadow = alloc(), alloc()
-        from concurrent.futures import ThreadPoolExecutor
+        from prism_mcore.platform.host_copy import HostCopier
 
-        threads = copy_threads or len(os.sched_getaffinity(0))  # default: one per core of this machine
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="receive")
+        self.copier = HostCopier(copy_threads)  # default: one thread per core of this machine
         self._staging = StagedUpdate(engine_id, schema)
         self._version = 0
         self.copy_s = self.receive_cpu_s = 0.0
-        self._planned: dict[tuple[str, int], list] = {}  # (plan key, id of the buffer) -> copy list
+        self._planned: dict[tuple[str, int], Any] = {}  # (plan key, id of the buffer) -> CopyPlan
 
     def receive_bucket(self, version, bucket):
         cpu0 = time.process_time()
         staged = self._staging.receive(version, self._version, bucket)
         t0 = time.perf_counter()
-        # A sender's cached plan (RefBucket.key) always names the same views: its copy list, one per
-        # destination buffer, is made once. Older plans' lists go (they keep trainer storages mapped).
+        # A sender's cached plan (RefBucket.key) always names the same views: its copy plan, one per
+        # destination buffer, is made once. Older plans go (they keep trainer storages mapped).
         key = (getattr(bucket, "key", ""), id(self.shadow))
-        pieces = self._planned.get(key) if key[0] else None
-        if pieces is None:
-            pieces = self._copy_list(bucket)
+        plan = self._planned.get(key) if key[0] else None
+        if plan is None:
+            sources = bucket.sources() if hasattr(bucket, "sources") else bucket.open()
+            # References come as their source views (the QKV split is strided), copied straight into the
+            # HF-shaped destination viewed in the source's shape.
+            plan = self.copier.plan([(self.shadow[name].view(t.shape), t) for name, t in sources])
             if key[0]:
                 self._planned = {k: v for k, v in self._planned.items() if k[0] == key[0]}
-                self._planned[key] = pieces
-        # Whole chunks per thread, not torch's intra-op split of each copy: the actor runs with one OpenMP
-        # thread (Ray sets OMP_NUM_THREADS=num_cpus), and OpenMP's barrier per copy stalls under load, while
-        # independent chunks keep every core copying (copy_ releases the GIL). memcpy, the reference, uses
-        # every core too.
-        list(self.pool.map(lambda pair: pair[0].copy_(pair[1]), pieces))
+                self._planned[key] = plan
+        # Equal byte shares per core, one memmove loop each (platform/host_copy.py): the actor runs with one
+        # OpenMP thread (Ray sets OMP_NUM_THREADS=num_cpus), and torch's per-tensor copies would leave cores
+        # idle between tensors. memcpy, the reference, is the faster of torch's copy and this one.
+        self.copier.run(plan)
         bucket.release()
         self.copy_s += time.perf_counter() - t0
         self.receive_cpu_s += time.process_time() - cpu0
         return staged
-
-    def _copy_list(self, bucket) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) pairs: big contiguous tensors cut in COPY_CHUNK pieces. References come as
-        their source views (the QKV split is strided), copied straight into the HF-shaped destination
-        viewed in the source's shape."""
-        pieces = []
-        for name, t in bucket.sources() if hasattr(bucket, "sources") else bucket.open():
-            dst = self.shadow[name].view(t.shape)
-            if t.is_contiguous() and t.numel() * t.element_size() > 2 * COPY_CHUNK:
-                src, dst = t.view(-1), dst.view(-1)
-                step = COPY_CHUNK // t.element_size()
-                pieces += [(dst[i:i + step], src[i:i + step]) for i in range(0, src.numel(), step)]
-            else:
-                pieces.append((dst, t))
-        return pieces
 
     def commit_update(self, version, expected_tensors, digest=False):
         buckets = self._staging.take(version, expected_tensors, self._version)
@@ -137,18 +121,29 @@ class HFTensorReceiver(RolloutEngine):
 
 
 class Memcpy:
-    """Plain memcpy bandwidth: `dst.copy_(src)` of a pre-faulted 1 GiB float32 tensor (torch's threads)."""
+    """Plain memcpy bandwidth of a pre-faulted 1 GiB float32 tensor in this process: the faster of torch's
+    `dst.copy_(src)` (its threads) and the equal-shares memmove the receiver uses (platform/host_copy.py), so
+    the receiver's copy method cannot lift its own ratio by beating a slower reference."""
 
     def __init__(self, nbytes: int = 2**30):
+        from prism_mcore.platform.host_copy import HostCopier
+
         self.src = torch.randn(nbytes // 4)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # fault in every page first
         self.nbytes = nbytes
+        self.copier = HostCopier()
+        self.plan = self.copier.plan([(self.dst, self.src)])
+        self.last: dict[str, float] = {}
 
     def gbps(self) -> float:
         t0 = time.perf_counter()
         self.dst.copy_(self.src)
-        return self.nbytes / (time.perf_counter() - t0) / 1e9
+        t1 = time.perf_counter()
+        self.copier.run(self.plan)
+        t2 = time.perf_counter()
+        self.last = {"torch": self.nbytes / (t1 - t0) / 1e9, "memmove": self.nbytes / (t2 - t1) / 1e9}
+        return max(self.last.values())
 
 
 def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb: float, transport: str,
@@ -159,12 +154,13 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
 
     from prism_mcore.rollout.weight_sync import sync_weights
 
-    runs, copies, cpus = [], [], []  # cpus: the trainer process's CPU seconds in each sync
+    runs, copies, cpus, methods = [], [], [], []  # cpus: the trainer process's CPU seconds in each sync
     for i in range(reps + 1):
         with torch.no_grad():  # new weights every version, as after an optimizer step
             for p in model.parameters():
                 p.add_(1e-3)
         gbps = memcpy.gbps() if memcpy else 0.0
+        methods.append(dict(memcpy.last) if memcpy else {})
         dist.barrier()
         cpu0 = time.process_time()
         runs.append(sync_weights(model, cfg.model, endpoints, first_version + i, bucket_mb=bucket_mb,
@@ -183,6 +179,8 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
            "receive_cpu_s": med(next(iter(r.engines.values())).extra.get("receive_cpu_s", 0.0) for r in timed),
            "trainer_cpu_s": med(cpus[1:]),
            "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies,
+           "memcpy_torch_gbps": med(m.get("torch", 0.0) for m in methods[1:]),
+           "memcpy_memmove_gbps": med(m.get("memmove", 0.0) for m in methods[1:]),
            "load_avg_1m": os.getloadavg()[0]}  # the machine may be shared: how busy it was
     out["gbps"] = out["bytes"] / out["seconds"] / 1e9
     out["ratio_to_memcpy"] = out["gbps"] / out["memcpy_gbps"]
@@ -290,7 +288,8 @@ def main(argv: list[str]) -> int:
         for m, r in modes.items():
             print(f"  {kind:8s} {m:9s} {r['bytes'] / 1e6:7.1f} MB in {r['seconds']:.3f} s = {r['gbps']:5.2f} GB/s "
                   f"(pack {r['pack_s']:.3f} s, send {r['send_s']:.3f} s, commit {r['commit_s']:.3f} s); "
-                  f"memcpy {r['memcpy_gbps']:.2f} GB/s; ratio {r['ratio_to_memcpy']:.2f}; load {r['load_avg_1m']:.1f}")
+                  f"memcpy {r['memcpy_gbps']:.2f} GB/s (torch {r['memcpy_torch_gbps']:.1f}, memmove "
+                  f"{r['memcpy_memmove_gbps']:.1f}); ratio {r['ratio_to_memcpy']:.2f}; load {r['load_avg_1m']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

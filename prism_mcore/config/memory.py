@@ -312,7 +312,7 @@ def _rollout_weights(cfg: PrismConfig) -> int:
     r = cfg.rollout
     if cfg.trainer.stage not in ("align", "rl") or r.mode != "colocated":
         return 0
-    return int(param_counts(cfg.model).total * _BYTES[cfg.model.dtype] / r.engine_tp)  # tower included
+    return int(param_counts(cfg.model).total * _BYTES[r.engine_dtype(cfg.model.dtype)] / r.engine_tp)  # tower included
 
 
 def estimate_memory(cfg: PrismConfig, world_size: int | None = None,

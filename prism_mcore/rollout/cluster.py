@@ -61,7 +61,7 @@ def disconnect(conn: RayConnection | None) -> None:
         shutil.rmtree(conn.temp_dir, ignore_errors=True)
 
 
-def engine_settings(rollout, max_prompt_length: int, dtype: str, device: str) -> tuple[dict, str | None]:
+def engine_settings(rollout, max_prompt_length: int, model_dtype: str, device: str) -> tuple[dict, str | None]:
     """vLLM keyword arguments from `rollout` (lengths were checked at config load, schema.rollout_problems),
     and a note when a setting cannot apply on this device.
 
@@ -75,7 +75,7 @@ def engine_settings(rollout, max_prompt_length: int, dtype: str, device: str) ->
         note = (f"rollout.enable_chunked_prefill={chunked}, rollout.max_num_batched_tokens={batched}: CPU engines "
                 f"run whole prefills (chunked prefill off, {context} tokens per step)")
         chunked, batched = False, max(batched, context)
-    kwargs = {"dtype": dtype, "max_model_len": context, "max_num_seqs": rollout.max_num_seqs,
+    kwargs = {"dtype": rollout.engine_dtype(model_dtype), "max_model_len": context, "max_num_seqs": rollout.max_num_seqs,
               "max_num_batched_tokens": batched, "enable_chunked_prefill": chunked,
               "enforce_eager": rollout.enforce_eager}
     if device == "gpu":

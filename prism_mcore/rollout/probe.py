@@ -21,6 +21,11 @@ log = logging.getLogger("prism.rollout")
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
+def coarser_dtype(a: str, b: str) -> str:
+    """Of two dtypes, the one with the looser probe tolerance (a bf16 engine under a float32 trainer: bf16)."""
+    return max((a, b), key=PROBE_TOLERANCE.__getitem__)
+
+
 class LogprobMismatch(RuntimeError):
     """The engine's log-probs of the probe batch differ from the trainer's beyond tolerance."""
 

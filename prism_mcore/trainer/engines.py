@@ -201,7 +201,7 @@ class Rollouts:
         """Collective: the probe prompts (with their images) and the trainer's log-probs of each of their tokens
         after the first, image pads included, as the engine scores them."""
         from prism_mcore.data.batch import next_token_batch
-        from prism_mcore.rollout.probe import Probe
+        from prism_mcore.rollout.probe import Probe, coarser_dtype
         from prism_mcore.trainer.images import attach_images
         from prism_mcore.trainer.policy_update import sequence_logprobs
 
@@ -210,7 +210,9 @@ class Rollouts:
         batch = attach_images(batch, self.images, [e.images for e in self.probe_examples])
         logp = sequence_logprobs(self.runner, policy, batch, self.cfg.model.vocab_size)
         sequences = rows if self.images is None else [self.prompt(e) for e in self.probe_examples]
-        return Probe(sequences, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=self.cfg.model.dtype)
+        # Engines in a coarser dtype than the trainer (rollout.dtype) are held to that dtype's tolerance.
+        dtype = coarser_dtype(self.cfg.model.dtype, self.cfg.rollout.engine_dtype(self.cfg.model.dtype))
+        return Probe(sequences, [logp[i, :len(r) - 1].tolist() for i, r in enumerate(rows)], dtype=dtype)
 
     def close(self) -> None:
         """Every rank: remove this rank's shm staging files; rank 0 also stops the engines and leaves Ray (a

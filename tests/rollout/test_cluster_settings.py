@@ -124,3 +124,19 @@ def test_engine_gpus_on_the_trainers_node_follow_the_ranks_local_numbering():
     two = Placement(None, [0, 1, 2, 3], [4, 5, 6], 1.0, "gpu", 2, a, [a] * 4 + [b, a, b])
     assert [two.cuda_devices(i) for i in range(3)] == [None, "4,5", None]
     assert Placement(None, [0], [1], 1.0, "cpu", 1, a, [a, a]).cuda_devices(0) is None  # CPU: nothing to pin
+
+
+def test_engine_dtype_follows_rollout_dtype():
+    from prism_mcore.config import load_config
+    from prism_mcore.config.memory import estimate_memory
+    from prism_mcore.rollout.cluster import engine_settings
+    from prism_mcore.rollout.probe import coarser_dtype
+
+    same = load_config(None, ["model.dtype=float32", "trainer.stage=rl"])
+    half = load_config(None, ["model.dtype=float32", "trainer.stage=rl", "rollout.dtype=bfloat16"])
+    assert engine_settings(same.rollout, 64, same.model.dtype, "cpu")[0]["dtype"] == "float32"
+    assert engine_settings(half.rollout, 64, half.model.dtype, "cpu")[0]["dtype"] == "bfloat16"
+    # the colocated engine's weights in the memory estimate are counted in the engine's dtype
+    assert estimate_memory(half).rollout_weights * 2 == estimate_memory(same).rollout_weights > 0
+    assert coarser_dtype("float32", "bfloat16") == coarser_dtype("bfloat16", "float32") == "bfloat16"
+    assert coarser_dtype("float32", "float32") == "float32"

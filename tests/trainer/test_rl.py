@@ -43,8 +43,11 @@ def prism_train(*overrides, timeout=900):
 @pytest.mark.timeout(1200)
 def test_grpo_end_to_end(tiny_policy, tmp_path):
     _parquet_with_bad_rows(tmp_path / "rl.parquet")
+    # bfloat16 engines under the float32 trainer (rollout.dtype), as on GPU clusters; the probe runs after
+    # every sync and must pass at bfloat16's tolerance.
     res = prism_train(f"model.hf_path={tiny_policy}", f"data.train_files=[{tmp_path / 'rl.parquet'}]",
-                      f"trainer.output_dir={tmp_path / 'run'}", "trainer.export_hf=false")
+                      f"trainer.output_dir={tmp_path / 'run'}", "trainer.export_hf=false", "rollout.dtype=bfloat16",
+                      "rollout.probe_every=1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -52,6 +55,8 @@ def test_grpo_end_to_end(tiny_policy, tmp_path):
         assert r["skipped_rows"] == 3
         assert 0.0 <= r["reward"] <= 1.0 and 0 < r["response_len"] <= 16
         assert r["mismatch_kl"] < 1e-3  # engine and trainer agree on the sampled tokens' log-probs
+        # the engine really runs in bfloat16 (float32 engines agree to ~1e-7) and the synced weights are right
+        assert 1e-5 < r["probe_error"] < 3e-2
         # an untrained policy rarely earns any reward; GRPO then has no signal and must not move
         assert (r["grad_norm"] == 0) == (r["reward"] == 0)
 
