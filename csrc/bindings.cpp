@@ -3,6 +3,7 @@
 // pybind11 with torch's Tensor casters, without torch/extension.h's whole C++ frontend (half the build time).
 #include <torch/csrc/utils/pybind.h>
 
+#include "host_copy.h"
 #include "logprob.h"
 
 namespace {
@@ -18,7 +19,7 @@ bool built_with_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "prism_mcore C++/CUDA kernels: fused token log-prob + entropy";
+  m.doc() = "prism_mcore C++/CUDA kernels: fused token log-prob + entropy, bulk host copies";
   m.def(
       "logprob_forward_stats",
       [](const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, double inv_temp,
@@ -43,6 +44,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Write d(hidden) (this shard's partial sum) and d(weight) of sum(g_logp * logp + g_entropy * entropy); "
       "a logits_store filled by the forward replaces the recomputation of the logits (and is overwritten)");
+  m.def(
+      "copy_runs",
+      [](const at::Tensor& runs, int64_t stream_min_bytes) {
+        TORCH_CHECK(runs.dtype() == at::kLong && runs.dim() == 2 && runs.size(1) == 3 && runs.is_contiguous(),
+                    "copy_runs: runs must be a contiguous int64 [k, 3] tensor of (dst, src, bytes)");
+        pybind11::gil_scoped_release no_gil;
+        prism::copy_runs(runs.data_ptr<int64_t>(), runs.size(0), stream_min_bytes);
+      },
+      "Copy each (dst address, src address, bytes) row; rows of >= stream_min_bytes with streaming stores");
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cpu_epilogue_vectorized", &prism::cpu_epilogue_vectorized, "True when the AVX2/FMA epilogue is in use");
 }

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from prism_mcore.platform.host_copy import HostCopier, contiguous_runs, split_runs
+from prism_mcore.platform.host_copy import STREAM_MIN_BYTES, HostCopier, _extension, contiguous_runs, split_runs
+
+METHODS = [False, pytest.param(True, marks=pytest.mark.skipif(_extension() is None, reason="prism_mcore._C not built"))]
 
 
 def _qkv_views(groups=4, q=3, head_dim=5, hidden=7):
@@ -11,13 +13,15 @@ def _qkv_views(groups=4, q=3, head_dim=5, hidden=7):
     return fused, [fused[:, :q * head_dim], fused[:, q * head_dim:(q + 1) * head_dim], fused[:, (q + 1) * head_dim:]]
 
 
+@pytest.mark.parametrize("streaming", METHODS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_copies_equal_torch_copies(threads):
+def test_copies_equal_torch_copies(threads, streaming):
     fused, (qv, kv, vv) = _qkv_views()
     sources = [torch.randn(1001), torch.randn(33, 17).to(torch.bfloat16), qv, kv, vv, torch.randn(0),
                torch.randn(2, 1, 6)[:, :, :3]]  # a size-1 dim between non-contiguous ones
     dests = [torch.full(s.shape, float("nan"), dtype=s.dtype) for s in sources]
-    copier = HostCopier(threads)
+    copier = HostCopier(threads, streaming=streaming)
+    assert copier.method == ("stream" if streaming else "memmove")
     plan = copier.plan(list(zip(dests, sources)))
     assert plan.nbytes == sum(s.numel() * s.element_size() for s in sources)
     for _ in range(2):  # a plan is reused: new source values, same addresses
@@ -27,6 +31,21 @@ def test_copies_equal_torch_copies(threads):
         for s in sources:
             s.add_(1) if s.dtype != torch.bfloat16 else s.mul_(2)
     copier.close()
+
+
+@pytest.mark.parametrize("streaming", METHODS)
+def test_long_runs_at_odd_alignments(streaming):
+    """Runs long enough for streaming stores, with destinations and sources off 16-byte alignment and
+    lengths that leave a head and a tail; the bytes around each destination stay untouched."""
+    n = STREAM_MIN_BYTES // 2 * 3 + 7  # bf16 elements: 3 MB + 14 bytes
+    src_buf = torch.randn(n + 8).to(torch.bfloat16)
+    dst_buf = torch.zeros(n + 8, dtype=torch.bfloat16)
+    copier = HostCopier(2, streaming=streaming)
+    for d_off, s_off in [(1, 3), (0, 5), (7, 0)]:
+        dst_buf.zero_()
+        copier.run(copier.plan([(dst_buf[d_off:d_off + n], src_buf[s_off:s_off + n])]))
+        assert torch.equal(dst_buf[d_off:d_off + n], src_buf[s_off:s_off + n])
+        assert not dst_buf[:d_off].any() and not dst_buf[d_off + n:].any()
 
 
 def test_strided_source_runs_are_its_contiguous_rows():

@@ -12,7 +12,9 @@ Two sender modes are timed: `copy` (every tensor packed into the /dev/shm stagin
 (after `share_weights_memory`: tensors that are views of this rank's parameters travel as references and
 the engine reads them from trainer memory; the headline with --transport shm, the default). Per mode, the first sync
 (allocating and mapping staging) is a warm-up and the median of the next `--reps` is reported. memcpy:
-the faster of `dst.copy_(src)` and an equal-shares memmove over every core, of a pre-faulted 1 GiB
+the faster of `dst.copy_(src)` and an equal-shares libc memmove over every core (plus, reported beside it, the
+same with streaming stores when prism_mcore._C is built: the receiver's copy, faster than memcpy), of a
+pre-faulted 1 GiB
 (`--memcpy-mb`) float32 tensor in the trainer process, measured right before every timed sync (median),
 since the machine may be shared.
 """
@@ -76,9 +78,9 @@ class HFTensorReceiver(RolloutEngine):
             if key[0]:
                 self._planned = {k: v for k, v in self._planned.items() if k[0] == key[0]}
                 self._planned[key] = plan
-        # Equal byte shares per core, one memmove loop each (platform/host_copy.py): the actor runs with one
-        # OpenMP thread (Ray sets OMP_NUM_THREADS=num_cpus), and torch's per-tensor copies would leave cores
-        # idle between tensors. memcpy, the reference, is the faster of torch's copy and this one.
+        # Equal byte shares per core, one loop of streaming-store copies each (platform/host_copy.py): the actor
+        # runs with one OpenMP thread (Ray sets OMP_NUM_THREADS=num_cpus), torch's per-tensor copies would leave
+        # cores idle between tensors, and ordinary stores read every destination line before writing it.
         self.copier.run(plan)
         bucket.release()
         self.copy_s += time.perf_counter() - t0
@@ -121,29 +123,31 @@ class HFTensorReceiver(RolloutEngine):
 
 
 class Memcpy:
-    """Plain memcpy bandwidth of a pre-faulted 1 GiB float32 tensor in this process: the faster of torch's
-    `dst.copy_(src)` (its threads) and the equal-shares memmove the receiver uses (platform/host_copy.py), so
-    the receiver's copy method cannot lift its own ratio by beating a slower reference."""
+    """Copy bandwidths of a pre-faulted 1 GiB float32 tensor in this process, back to back: memcpy (the
+    reference: the faster of torch's `dst.copy_(src)` with its threads and an equal-shares libc memmove over
+    every core) and, when prism_mcore._C is built, the equal-shares copy with streaming stores the receiver
+    uses (platform/host_copy.py), which beats memcpy on large copies: the sync is reported against it too."""
 
     def __init__(self, nbytes: int = 2**30):
-        from prism_mcore.platform.host_copy import HostCopier
+        from prism_mcore.platform.host_copy import HostCopier, _extension
 
         self.src = torch.randn(nbytes // 4)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # fault in every page first
         self.nbytes = nbytes
-        self.copier = HostCopier()
-        self.plan = self.copier.plan([(self.dst, self.src)])
+        copiers = [HostCopier(streaming=False)] + ([HostCopier(streaming=True)] if _extension() else [])
+        self.plans = [(c, c.plan([(self.dst, self.src)])) for c in copiers]
         self.last: dict[str, float] = {}
 
     def gbps(self) -> float:
         t0 = time.perf_counter()
         self.dst.copy_(self.src)
-        t1 = time.perf_counter()
-        self.copier.run(self.plan)
-        t2 = time.perf_counter()
-        self.last = {"torch": self.nbytes / (t1 - t0) / 1e9, "memmove": self.nbytes / (t2 - t1) / 1e9}
-        return max(self.last.values())
+        self.last = {"torch": self.nbytes / (time.perf_counter() - t0) / 1e9}
+        for copier, plan in self.plans:
+            t0 = time.perf_counter()
+            copier.run(plan)
+            self.last[copier.method] = self.nbytes / (time.perf_counter() - t0) / 1e9
+        return max(v for k, v in self.last.items() if k != "stream")
 
 
 def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb: float, transport: str,
@@ -181,9 +185,11 @@ def _timed_syncs(model, cfg, endpoints, first_version: int, reps: int, bucket_mb
            "warmup_s": runs[0].seconds, "memcpy_gbps": med(copies), "memcpy_all": copies,
            "memcpy_torch_gbps": med(m.get("torch", 0.0) for m in methods[1:]),
            "memcpy_memmove_gbps": med(m.get("memmove", 0.0) for m in methods[1:]),
+           "memcpy_stream_gbps": med(m.get("stream", 0.0) for m in methods[1:]),
            "load_avg_1m": os.getloadavg()[0]}  # the machine may be shared: how busy it was
     out["gbps"] = out["bytes"] / out["seconds"] / 1e9
     out["ratio_to_memcpy"] = out["gbps"] / out["memcpy_gbps"]
+    out["ratio_to_stream_copy"] = out["gbps"] / out["memcpy_stream_gbps"] if out["memcpy_stream_gbps"] else None
     return out
 
 
@@ -281,7 +287,8 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(root, ignore_errors=True)
     mode = "zero_copy" if args.transport == "shm" else "copy"  # references cannot cross nodes
     head = results[kinds[0]][mode]
-    out = {**{k: head[k] for k in ("bytes", "seconds", "gbps", "memcpy_gbps", "ratio_to_memcpy")},
+    out = {**{k: head[k] for k in ("bytes", "seconds", "gbps", "memcpy_gbps", "ratio_to_memcpy", "memcpy_stream_gbps",
+                                   "ratio_to_stream_copy")},
            "engine": kinds[0], "mode": mode, "tp": args.tp, "transport": args.transport,
            "bucket_mb": args.bucket_mb, "detail": results}
     for kind, modes in results.items():
@@ -289,7 +296,8 @@ def main(argv: list[str]) -> int:
             print(f"  {kind:8s} {m:9s} {r['bytes'] / 1e6:7.1f} MB in {r['seconds']:.3f} s = {r['gbps']:5.2f} GB/s "
                   f"(pack {r['pack_s']:.3f} s, send {r['send_s']:.3f} s, commit {r['commit_s']:.3f} s); "
                   f"memcpy {r['memcpy_gbps']:.2f} GB/s (torch {r['memcpy_torch_gbps']:.1f}, memmove "
-                  f"{r['memcpy_memmove_gbps']:.1f}); ratio {r['ratio_to_memcpy']:.2f}; load {r['load_avg_1m']:.1f}")
+                  f"{r['memcpy_memmove_gbps']:.1f}); ratio {r['ratio_to_memcpy']:.2f}; streaming copy "
+                  f"{r['memcpy_stream_gbps']:.1f} GB/s, ratio {r['ratio_to_stream_copy'] or 0:.2f}; load {r['load_avg_1m']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -5,9 +5,10 @@ as the QKV split of Megatron's interleaved rows) between processes' memory. Per-
 dispatch overhead per tensor and leave the cores unevenly loaded (a thread pool hands out whole tensors),
 and torch's intra-op copy splits each tensor with an OpenMP barrier that stalls whenever another process holds
 a core. Here the pairs are cut once into contiguous byte runs, the runs into `threads` parts of equal bytes,
-and each part is one thread's loop of libc `memmove` calls (ctypes releases the GIL), so every core copies
-at memory speed from the first byte to the last. The plan is made once and reused: the pairs are views whose
-contents change between runs, not their addresses.
+and each part is one thread's loop of copies with the GIL released, so every core copies
+at memory speed from the first byte to the last. Runs of 1 MB and more are written with streaming stores
+(csrc/host_copy.cpp, when prism_mcore._C is built; libc memmove otherwise). The plan is made once and reused:
+the pairs are views whose contents change between runs, not their addresses.
 """
 from __future__ import annotations
 
@@ -70,43 +71,79 @@ def split_runs(runs: list[Run], parts: int) -> list[list[Run]]:
     return [p for p in out if p]
 
 
-def _copy_part(part: list[Run]) -> None:
+STREAM_MIN_BYTES = 1 << 20  # runs this long are written with streaming stores (when _C is built)
+
+
+def _extension():
+    """prism_mcore._C (csrc/host_copy.cpp: streaming-store copies), or None when it was not built."""
+    try:
+        from prism_mcore import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "copy_runs") else None
+
+
+def _memmove_part(part: list[Run]) -> None:
     move = ctypes.memmove
     for d, s, n in part:
         move(d, s, n)
 
 
 class CopyPlan:
-    """A fixed set of (dst, src) copies cut into `parts` equal-byte lists of runs. It keeps the tensors
-    referenced: their addresses must stay valid while the plan is used."""
+    """A fixed set of (dst, src) copies cut into `parts` equal-byte lists of runs (as [k, 3] int64 tensors
+    for the streaming copy). It keeps the tensors referenced: their addresses must stay valid while the plan
+    is used."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], parts: int):
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], parts: int, tensors: bool,
+                 runs: list[Run] | None = None):
         self._keep = list(pairs)
-        runs = [r for dst, src in self._keep for r in contiguous_runs(dst, src)]
+        if runs is None:
+            runs = [r for dst, src in self._keep for r in contiguous_runs(dst, src)]
         self.nbytes = sum(n for _, _, n in runs)
         self.parts = split_runs(runs, parts)
+        if tensors:
+            self.parts = [torch.tensor(p, dtype=torch.int64).reshape(-1, 3) for p in self.parts]
 
 
 class HostCopier:
-    """Runs copy plans over `threads` threads (default: the cores this process may use)."""
+    """Runs copy plans over `threads` threads (default: the cores this process may use). `streaming`: write
+    runs of >= 1 MB with non-temporal stores (csrc/host_copy.cpp says why); default: when prism_mcore._C is
+    built, else libc memmove. `method` names what runs."""
 
-    def __init__(self, threads: int = 0):
+    def __init__(self, threads: int = 0, streaming: bool | None = None):
+        ext = _extension()
+        if streaming and ext is None:
+            raise RuntimeError("streaming host copies need prism_mcore._C (python setup.py build_ext --inplace)")
+        self._ext = ext if streaming or streaming is None else None
+        self.method = "stream" if self._ext is not None else "memmove"
         self.threads = max(1, threads or len(os.sched_getaffinity(0)))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="host_copy") if self.threads > 1 else None
 
     def plan(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> CopyPlan:
-        return CopyPlan(pairs, self.threads)
+        return CopyPlan(pairs, self.threads, tensors=self._ext is not None)
+
+    def _copy_part(self, part) -> None:
+        if self._ext is None:
+            _memmove_part(part)
+        else:  # releases the GIL for the whole part
+            self._ext.copy_runs(part, STREAM_MIN_BYTES)
 
     def run(self, plan: CopyPlan) -> None:
         if self._pool is None or len(plan.parts) < 2:
             for part in plan.parts:
-                _copy_part(part)
+                self._copy_part(part)
         else:
-            list(self._pool.map(_copy_part, plan.parts))
+            list(self._pool.map(self._copy_part, plan.parts))
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Plan and run once; returns the bytes copied."""
         plan = self.plan(pairs)
+        self.run(plan)
+        return plan.nbytes
+
+    def copy_runs(self, runs: list[Run]) -> int:
+        """Copy raw runs (from `contiguous_runs`) once; the caller keeps their tensors alive. Returns bytes."""
+        plan = CopyPlan([], self.threads, tensors=self._ext is not None, runs=runs)
         self.run(plan)
         return plan.nbytes
 

@@ -66,13 +66,6 @@ class Reshaped:
         return self.source.reshape(self.shape).clone()
 
 
-def _copy_into(dst: torch.Tensor, t) -> None:
-    if isinstance(t, Reshaped):
-        dst.view(t.source.shape).copy_(t.source)
-    else:
-        dst.copy_(t)
-
-
 def _view(buffer: torch.Tensor, e: TensorEntry) -> torch.Tensor:
     return buffer[e.offset: e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
 
@@ -214,8 +207,24 @@ def layout_table(pairs: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorEntr
 
 
 def _fill(buffer: torch.Tensor, table: list[TensorEntry], pairs: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy every tensor into its place in `buffer`. Host tensors go as one planned copy on this thread with
+    streaming stores (platform/host_copy.py: the engines read the bucket later, from other processes, so
+    caching its lines here only evicts the sender's data); anything else (GPU tensors, views without
+    contiguous rows) through torch."""
+    from prism_mcore.platform.host_copy import HostCopier, contiguous_runs
+
+    runs, other = [], []
     for e, (_, t) in zip(table, pairs):
-        _copy_into(_view(buffer, e), t)
+        dst, src = _view(buffer, e), t
+        if isinstance(t, Reshaped):
+            dst, src = dst.view(t.source.shape), t.source
+        try:
+            runs += contiguous_runs(dst, src)
+        except ValueError:
+            other.append((dst, src))
+    HostCopier(threads=1).copy_runs(runs)  # the tensors stay alive in `pairs` meanwhile
+    for dst, src in other:
+        dst.copy_(src)
 
 
 def write_shm_bucket(pairs: list[tuple[str, torch.Tensor]], tag: str, slot: int | None = None) -> ShmBucket:
