@@ -297,7 +297,8 @@ def main(argv: list[str]) -> int:
                   f"(pack {r['pack_s']:.3f} s, send {r['send_s']:.3f} s, commit {r['commit_s']:.3f} s); "
                   f"memcpy {r['memcpy_gbps']:.2f} GB/s (torch {r['memcpy_torch_gbps']:.1f}, memmove "
                   f"{r['memcpy_memmove_gbps']:.1f}); ratio {r['ratio_to_memcpy']:.2f}; streaming copy "
-                  f"{r['memcpy_stream_gbps']:.1f} GB/s, ratio {r['ratio_to_stream_copy'] or 0:.2f}; load {r['load_avg_1m']:.1f}")
+                  f"{r['memcpy_stream_gbps']:.1f} GB/s, ratio {r['ratio_to_stream_copy'] or 0:.2f}; "
+                  f"load {r['load_avg_1m']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
