@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from prism_mcore.platform.host_copy import STREAM_MIN_BYTES, HostCopier, _extension, contiguous_runs, split_runs
+from prism_mcore.platform.host_copy import (STREAM_MIN_BYTES, HostCopier, contiguous_runs, split_runs,
+                                            streaming_extension)
 
-METHODS = [False, pytest.param(True, marks=pytest.mark.skipif(_extension() is None, reason="prism_mcore._C not built"))]
+NO_EXTENSION = pytest.mark.skipif(streaming_extension() is None, reason="prism_mcore._C not built")
+METHODS = [False, pytest.param(True, marks=NO_EXTENSION)]
 
 
 def _qkv_views(groups=4, q=3, head_dim=5, hidden=7):

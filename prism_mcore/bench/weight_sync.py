@@ -129,13 +129,13 @@ class Memcpy:
     uses (platform/host_copy.py), which beats memcpy on large copies: the sync is reported against it too."""
 
     def __init__(self, nbytes: int = 2**30):
-        from prism_mcore.platform.host_copy import HostCopier, _extension
+        from prism_mcore.platform.host_copy import HostCopier, streaming_extension
 
         self.src = torch.randn(nbytes // 4)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # fault in every page first
         self.nbytes = nbytes
-        copiers = [HostCopier(streaming=False)] + ([HostCopier(streaming=True)] if _extension() else [])
+        copiers = [HostCopier(streaming=False)] + ([HostCopier(streaming=True)] if streaming_extension() else [])
         self.plans = [(c, c.plan([(self.dst, self.src)])) for c in copiers]
         self.last: dict[str, float] = {}
 

@@ -74,7 +74,7 @@ def split_runs(runs: list[Run], parts: int) -> list[list[Run]]:
 STREAM_MIN_BYTES = 1 << 20  # runs this long are written with streaming stores (when _C is built)
 
 
-def _extension():
+def streaming_extension():
     """prism_mcore._C (csrc/host_copy.cpp: streaming-store copies), or None when it was not built."""
     try:
         from prism_mcore import _C
@@ -111,7 +111,7 @@ class HostCopier:
     built, else libc memmove. `method` names what runs."""
 
     def __init__(self, threads: int = 0, streaming: bool | None = None):
-        ext = _extension()
+        ext = streaming_extension()
         if streaming and ext is None:
             raise RuntimeError("streaming host copies need prism_mcore._C (python setup.py build_ext --inplace)")
         self._ext = ext if streaming or streaming is None else None
@@ -134,12 +134,6 @@ class HostCopier:
                 self._copy_part(part)
         else:
             list(self._pool.map(self._copy_part, plan.parts))
-
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Plan and run once; returns the bytes copied."""
-        plan = self.plan(pairs)
-        self.run(plan)
-        return plan.nbytes
 
     def copy_runs(self, runs: list[Run]) -> int:
         """Copy raw runs (from `contiguous_runs`) once; the caller keeps their tensors alive. Returns bytes."""
