@@ -1,9 +1,11 @@
 """The Ray cluster a run's engines live in: joined (a launcher's, `rollout.ray_address` / $RAY_ADDRESS) or
 started for the run on this machine, and what the engines of a pool ask vLLM for.
 
-Joined clusters are the multi-node case (launch/mlp_launch.sh, launch/slurm_ray.sbatch): the driver (trainer
-rank 0) attaches to its own node's raylet, so "the trainer's node" is `ray.get_runtime_context().get_node_id()`
-and placement (engine_pool.make_placement) can keep disaggregated engines off it.
+Joined clusters are the multi-node case (launch/mlp_launch.sh, launch/slurm_ray.sbatch): every trainer rank
+attaches to its own node's raylet (`join`), so the node of each rank is `ray.get_runtime_context().get_node_id()`
+and placement (engine_pool.make_placement) can pin each rank's bundle there and keep disaggregated engines off
+the trainer's nodes. Several raylets on one host (emulated nodes) are told apart by their Ray temp dir, which
+the launcher exports to the ranks it starts as $PRISM_RAY_NODE_DIR.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def connect(ray_address: str | None, namespace: str, num_cpus: int, temp_dir: st
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     target = ray_target(ray_address)
     if target:
-        ray.init(address=target, namespace=namespace, log_to_driver=False, configure_logging=False)
+        join(target, namespace)
     else:
         import torch
 
@@ -48,6 +50,27 @@ def connect(ray_address: str | None, namespace: str, num_cpus: int, temp_dir: st
     device = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     return RayConnection(not target, ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id(),
                          device, None if target else temp_dir)
+
+
+NODE_DIR_ENV = "PRISM_RAY_NODE_DIR"
+
+
+def join(address: str, namespace: str) -> str:
+    """Attach this process to the raylet of its own node in the cluster at `address` (the one whose temp dir
+    is $PRISM_RAY_NODE_DIR when set) and return that node's Ray node id."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        node_dir = os.environ.get(NODE_DIR_ENV) or None
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False,
+                     _temp_dir=node_dir)
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot join the Ray cluster at {address} from this node"
+                               f"{f' ({NODE_DIR_ENV}={node_dir})' if node_dir else ''}: is a Ray node running here "
+                               f"(launch/mlp_launch.sh starts one on every node)? {e}") from None
+    return ray.get_runtime_context().get_node_id()
 
 
 def disconnect(conn: RayConnection | None) -> None:

@@ -121,7 +121,7 @@ class Placement:
     engine_share: float  # fraction of its bundle's CPU/GPU an engine takes (colocated: shares with a trainer rank)
     device: str
     engine_tp: int = 1
-    trainer_node: str | None = None
+    trainer_nodes: list[str] = field(default_factory=list)  # Ray node id of every trainer rank, when known
     bundle_nodes: list[str] = field(default_factory=list)  # Ray node id of every bundle, once placed
 
     def _options(self, bundle: int, share: float) -> dict:
@@ -143,49 +143,65 @@ class Placement:
         """For launchers that run trainer ranks as Ray actors."""
         return self._options(self.trainer_bundles[rank], 1.0 - self.engine_share if self.engine_share < 1 else 1.0)
 
+    def engine_node(self, i: int) -> str:
+        return self.bundle_nodes[self.engine_bundles[i]] if self.bundle_nodes else ""
+
     def cuda_devices(self, i: int) -> str | None:
-        """CUDA_VISIBLE_DEVICES of engine i when it runs on the trainer's node, else None (Ray's assignment).
-        The trainer's ranks are not Ray actors: rank r uses GPU r of its node (LOCAL_RANK), which Ray does not
-        know. So an engine on that node is given GPUs by the same numbering: colocated engine i the GPUs of
-        the trainer ranks it shares (i*engine_tp, ...), a disaggregated one the GPUs after the trainer's, in
-        engine order. (Ray's own pick could be a trainer rank's GPU, and a fractional colocated share gives
-        one GPU where engine_tp are needed.)"""
-        if self.device != "gpu" or not self.bundle_nodes or self.trainer_node is None:
+        """CUDA_VISIBLE_DEVICES of engine i when it runs on a node with trainer ranks, else None (Ray's
+        assignment). The trainer's ranks are not Ray actors: each uses GPU LOCAL_RANK of its node (its place
+        among the node's ranks), which Ray does not know. So an engine on such a node is given GPUs by the
+        same numbering: colocated engine i the GPUs of the trainer ranks it shares (ranks i*engine_tp, ...),
+        a disaggregated one the GPUs after the node's trainer ranks, in engine order. (Ray's own pick could
+        be a trainer rank's GPU, and a fractional colocated share gives one GPU where engine_tp are needed.)"""
+        if self.device != "gpu" or not self.bundle_nodes or not self.trainer_nodes:
             return None
-        here = [j for j in range(len(self.engine_bundles))
-                if self.bundle_nodes[self.engine_bundles[j]] == self.trainer_node]
-        if i not in here:
+        node = self.engine_node(i)
+        ranks_here = [r for r, n in enumerate(self.trainer_nodes) if n == node]
+        if not ranks_here:
             return None
-        first = self.engine_bundles[i] if self.engine_share < 1 else (
-            len(self.trainer_bundles) + here.index(i) * self.engine_tp)
+        if self.engine_share < 1:
+            first = ranks_here.index(self.engine_bundles[i])  # bundle r is rank r's; its local rank
+        else:
+            engines_here = [j for j in range(len(self.engine_bundles)) if self.engine_node(j) == node]
+            first = len(ranks_here) + engines_here.index(i) * self.engine_tp
         return ",".join(str(g) for g in range(first, first + self.engine_tp))
 
 
 def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: float = 60.0,
-                   trainer_node: str | None = None) -> Placement:
+                   trainer_nodes: Sequence[str] | None = None) -> Placement:
     """Colocated: one bundle per trainer rank, engine i on bundle i*engine_tp (engines and trainer share it;
     the engine's GPUs are those of trainer ranks i*engine_tp.., `Placement.cuda_devices`). Disaggregated:
     trainer bundles, then one bundle per engine holding its engine_tp devices.
 
-    `trainer_node` (a Ray node id: the driver's, whose ranks are the trainer's) pins the trainer bundles to
-    that node; disaggregated engines then go to the other nodes when the cluster has any (Ray's node-id
-    label, so emulated nodes on one machine count as nodes too), and share it only on a one-node cluster."""
+    `trainer_nodes` (the Ray node id of every trainer rank; ranks may span nodes) pins each trainer bundle to
+    its rank's node; disaggregated engines then go to nodes without trainer ranks when the cluster has any
+    (Ray's node-id label, so emulated nodes on one machine count as nodes too), and share them otherwise."""
     from ray.util.placement_group import placement_group
 
     unit = {"GPU": 1.0, "CPU": 1.0} if device == "gpu" else {"CPU": 1.0}
     tp, n = rollout.engine_tp, rollout.num_engines
-    here = [{NODE_ID_LABEL: trainer_node}] if trainer_node else [{}]
+    nodes = list(trainer_nodes or [])
+    if nodes and len(nodes) != trainer_ranks:
+        raise ValueError(f"trainer_nodes names {len(nodes)} nodes for {trainer_ranks} trainer ranks")
+    pinned = [{NODE_ID_LABEL: x} for x in nodes] or [{}] * trainer_ranks
     if rollout.mode == "colocated":
         if n * tp > trainer_ranks:
             raise ValueError(f"rollout.mode=colocated needs rollout.num_engines*rollout.engine_tp={n * tp} <= "
                              f"{trainer_ranks} trainer ranks (engines share the trainer's devices)")
+        for i in range(n):
+            if nodes and len(set(nodes[i * tp:(i + 1) * tp])) > 1:
+                raise ValueError(f"rollout.mode=colocated: engine {i} (rollout.engine_tp={tp}) would share trainer "
+                                 f"ranks {i * tp}..{(i + 1) * tp - 1}, which are on different nodes: the trainer "
+                                 f"ranks per node must be a multiple of rollout.engine_tp")
         bundles, engines, share = [dict(unit) for _ in range(trainer_ranks)], [i * tp for i in range(n)], 0.5
-        labels = here * trainer_ranks
+        labels = pinned
     else:
         bundles = [dict(unit) for _ in range(trainer_ranks)] + [{k: v * tp for k, v in unit.items()} for _ in range(n)]
         engines, share = [trainer_ranks + i for i in range(n)], 1.0
-        others = trainer_node and any(x["Alive"] and x["NodeID"] != trainer_node for x in ray.nodes())
-        labels = here * trainer_ranks + [{NODE_ID_LABEL: f"!{trainer_node}"} if others else {}] * n
+        busy = sorted(set(nodes))
+        others = busy and any(x["Alive"] and x["NodeID"] not in busy for x in ray.nodes())
+        away = {NODE_ID_LABEL: f"!{busy[0]}" if len(busy) == 1 else f"!in({','.join(busy)})"} if others else {}
+        labels = pinned + [away] * n
     kwargs = {"bundle_label_selector": labels} if any(labels) else {}
     group = placement_group(bundles, strategy="PACK", **kwargs)
     try:
@@ -195,9 +211,9 @@ def make_placement(rollout, trainer_ranks: int, device: str = "cpu", timeout_s: 
                           f"{timeout_s:.0f}s (cluster: {ray.cluster_resources()})") from None
     from ray.util.placement_group import placement_group_table
 
-    nodes = placement_group_table(group).get("bundles_to_node_id", {})
-    return Placement(group, list(range(trainer_ranks)), engines, share, device, tp, trainer_node,
-                     [nodes.get(b, "") for b in range(len(bundles))])
+    placed = placement_group_table(group).get("bundles_to_node_id", {})
+    return Placement(group, list(range(trainer_ranks)), engines, share, device, tp, nodes,
+                     [placed.get(b, "") for b in range(len(bundles))])
 
 
 NODE_ID_LABEL = "ray.io/node-id"  # Ray's own label of every node

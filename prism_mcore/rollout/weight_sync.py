@@ -60,8 +60,10 @@ class EngineEndpoints:
         """Handles of the engine actors (looked up once per endpoints object and process)."""
         import ray
 
+        from prism_mcore.rollout.cluster import join
+
         if not ray.is_initialized():
-            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False, configure_logging=False)
+            join(self.address, self.namespace)
         if not self.pool_id or self._actors is None:
             self._actors = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
         return self._actors

@@ -12,11 +12,14 @@ import torch.distributed as dist
 from prism_mcore.config import PrismConfig
 
 
-def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
+def start_pool(cfg: PrismConfig, model_dir: str, namespace: str, trainer_nodes: list[str] | None = None,
+               local_ranks: int = 1):
     """Rank 0: join the run's Ray cluster (or start one on this machine), place the engines (rollout.mode:
-    colocated on the trainer's bundles, disaggregated on bundles of their own, on other nodes when the
-    cluster has them) and start the vLLM engine pool from the HF weights of the policy. `trainer_ranks`:
-    the ranks on this node (their bundles keep engines off their CPUs/GPUs). Returns (pool, RayConnection)."""
+    colocated on the trainer's bundles, disaggregated on bundles of their own, on nodes without trainer ranks
+    when the cluster has them) and start the vLLM engine pool from the HF weights of the policy.
+    `trainer_nodes`: the Ray node id of every trainer rank (a joined cluster; ranks may span nodes), else the
+    trainer is this node's `local_ranks` ranks. Their bundles keep engines off their CPUs/GPUs. Returns
+    (pool, RayConnection)."""
     from prism_mcore.rollout.cluster import connect, disconnect, engine_settings, ray_target
     from prism_mcore.rollout.engine_pool import EnginePool, make_placement
     from prism_mcore.rollout.transport import reap_orphaned_shm
@@ -25,15 +28,14 @@ def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
     r = cfg.rollout
     reap_orphaned_ray()
     reap_orphaned_shm()
-    # One namespace per run: actor names and shm staging files of two runs on one machine or cluster never meet.
-    namespace = f"prism_{_run_id(cfg.trainer.output_dir)}"
     # Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
     ray_dir = None if ray_target(r.ray_address) else tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")
-    slots = trainer_ranks + (0 if r.mode == "colocated" else r.num_engines * r.engine_tp)
+    slots = local_ranks + (0 if r.mode == "colocated" else r.num_engines * r.engine_tp)
     conn = connect(r.ray_address, namespace, max(2, slots), ray_dir)
     try:
-        placement = make_placement(r, trainer_ranks, conn.device, timeout_s=min(r.timeout_s, 300.0),
-                                   trainer_node=conn.trainer_node)
+        nodes = list(trainer_nodes) if trainer_nodes else [conn.trainer_node] * local_ranks
+        placement = make_placement(r, len(nodes), conn.device, timeout_s=min(r.timeout_s, 300.0),
+                                   trainer_nodes=nodes)
         kwargs, note = engine_settings(r, cfg.data.max_prompt_length, cfg.model.dtype, conn.device)
         if note:
             announce(note)
@@ -42,6 +44,23 @@ def start_pool(cfg: PrismConfig, model_dir: str, trainer_ranks: int):
         disconnect(conn)
         raise
     return pool, conn
+
+
+def trainer_nodes(address: str, namespace: str) -> list[str]:
+    """Collective: every rank joins the Ray cluster at `address` from its own node; returns the Ray node id of
+    every rank (a rank that cannot join fails every rank, naming it)."""
+    from prism_mcore.rollout.cluster import join
+
+    try:
+        mine = (join(address, namespace), None)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        mine = (None, f"rank {dist.get_rank()}: {e}")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    errors = [e for _, e in everyone if e]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return [n for n, _ in everyone]
 
 
 def _run_id(output_dir: str) -> str:
@@ -101,11 +120,22 @@ class Rollouts:
         if cfg.rollout.probe_every and (runner is None or not self.probe_examples):
             raise ValueError("rollout.probe_every needs probe examples and the stage's step runner")
         self.pool, self.conn, self.transport = None, None, ""
+        # One namespace per run: actor names and shm staging files of two runs on one machine or cluster never
+        # meet. Rank 0 names it; every rank joins it.
+        holder: list = [f"prism_{_run_id(cfg.trainer.output_dir)}" if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        namespace = holder[0]
+        # A joined cluster (a launcher's): every rank attaches to its own node's raylet now, so placement knows
+        # where each rank runs (ranks may span nodes). Otherwise rank 0 starts a Ray for this node's ranks.
+        from prism_mcore.rollout.cluster import ray_target
+
+        target = ray_target(cfg.rollout.ray_address)
+        nodes = trainer_nodes(target, namespace) if target else None
         if dist.get_rank() == 0:
             # ranks on this node: torchrun and the spawner set LOCAL_WORLD_SIZE, srun SLURM_NTASKS_PER_NODE
             local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
                         or dist.get_world_size())
-            self.pool, self.conn = start_pool(cfg, model_dir, min(local, dist.get_world_size()))
+            self.pool, self.conn = start_pool(cfg, model_dir, namespace, nodes, min(local, dist.get_world_size()))
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
         self.endpoints = holder[0]
@@ -130,9 +160,11 @@ class Rollouts:
         and the transport of the last weight sync."""
         if not self.pool:
             return {}
-        off = sum(n != self.conn.trainer_node for n in self.endpoints.node_ids)
+        trainer = set(self.pool.placement.trainer_nodes)
+        off = sum(n not in trainer for n in self.endpoints.node_ids)
         return {"rollout/sleeps": self.pool.sleeps, "rollout/wakes": self.pool.wakes,
-                "rollout/engines_off_trainer_node": off, "rollout/transport": self.transport}
+                "rollout/trainer_nodes": len(trainer), "rollout/engines_off_trainer_node": off,
+                "rollout/transport": self.transport}
 
     def prompt(self, example):
         """The engine's prompt of an example: its ids, with its images for a Qwen3-VL run."""

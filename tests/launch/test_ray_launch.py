@@ -3,7 +3,8 @@ resources; Ray's node-id label tells them apart, so "the other node" is real to 
   * align, disaggregated, trainer on the head and its engine on the other node, gives the same losses as the
     one-node colocated run (started through the launcher with SINGLENODE=true), over the torch_distributed
     transport; the colocated run slept and woke its engine around every update;
-  * launch/mlp_launch.sh on two emulated nodes runs an rl stage to the end and both nodes exit 0;
+  * launch/mlp_launch.sh on two emulated nodes runs an rl stage to the end with a trainer rank and a colocated
+    engine on each node, and both nodes exit 0;
   * a head whose worker never joins fails in one line after PRISM_NODE_WAIT_S.
 Every Ray process a test starts is stopped by process tree (never `ray stop`: other runs share the machine)."""
 from __future__ import annotations
@@ -136,28 +137,36 @@ def test_align_on_two_nodes_equals_one_node(inputs, two_nodes, tmp_path):
     assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in ref]  # to the last bit
 
 
-def _launch(index: int, port: int, *args, wait_s: int = 120, nodes: int = 2) -> subprocess.Popen:
+def _launch(index: int, port: int, *args, wait_s: int = 120, nodes: int = 2, **env) -> subprocess.Popen:
     env = _env(MLP_WORKER_0_HOST="127.0.0.1", MLP_WORKER_0_PRIMARY_HOST="127.0.0.1", MLP_WORKER_NUM=str(nodes),
                MLP_WORKER_RACK_RANK_INDEX=str(index), MLP_WORKER_GPU="0", RAY_PORT=str(port),
-               PRISM_NODE_IP="127.0.0.1", PRISM_RAY_CPUS="1", PRISM_NODE_WAIT_S=str(wait_s))
+               PRISM_NODE_IP="127.0.0.1", PRISM_RAY_CPUS="1", PRISM_NODE_WAIT_S=str(wait_s), **env)
     return subprocess.Popen([str(LAUNCH), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_mlp_launcher_runs_rl_on_two_nodes(inputs, tmp_path):
-    port = _free_port()
-    out = tmp_path / "rl"
-    head = _launch(0, port, "/dev/null", *RL, *inputs, f"trainer.output_dir={out}")
-    worker = _launch(1, port, "/dev/null", *RL, *inputs, f"trainer.output_dir={out}")
+def test_mlp_launcher_runs_rl_with_the_trainer_on_both_nodes(inputs, tmp_path):
+    """PRISM_TRAINER_NODES=2: one trainer rank per node (torchrun on each, one process group), each with a
+    colocated engine on its own node. Each rank found its own node's raylet among the two on this host (its
+    Ray temp dir), so the engines sit beside the ranks; every rank sends to the engine off its node over
+    torch_distributed, and the log-prob probe checks both engines' weights against the trainer's."""
+    port, out = _free_port(), tmp_path / "rl"
+    args = ["/dev/null", *RL, *inputs, f"trainer.output_dir={out}", "rollout.mode=colocated",
+            "rollout.num_engines=2", "rollout.probe_every=1"]
+    trainer = dict(PRISM_TRAINER_NODES="2", PRISM_MASTER_PORT=str(_free_port()))
+    head, worker = _launch(0, port, *args, **trainer), _launch(1, port, *args, **trainer)
     try:
         h_out, h_err = head.communicate(timeout=300)
-        w_out, w_err = worker.communicate(timeout=60)  # leaves once the head's cluster is gone
+        w_out, w_err = worker.communicate(timeout=60)  # its rank ends with the head's
         assert head.returncode == 0, h_err[-5000:]
         assert worker.returncode == 0, w_err[-3000:]
-        assert "2 nodes in the Ray cluster" in h_err and "node 1 joined the Ray cluster" in w_err
+        assert "2 nodes in the Ray cluster" in h_err and "node 1 runs 1 trainer rank(s)" in w_err
         rows = _rows(out)
-        assert [r["step"] for r in rows] == [1] and rows[0]["rollout/engines_off_trainer_node"] == 1
+        assert [r["step"] for r in rows] == [1] and rows[0]["rollout/trainer_nodes"] == 2
+        assert rows[0]["rollout/engines_off_trainer_node"] == 0  # colocated: each engine beside a rank
         assert rows[0]["rollout/transport"] == "torch_distributed" and 0 < rows[0]["response_len"] <= 16
+        assert (rows[0]["rollout/sleeps"], rows[0]["rollout/wakes"]) == (1, 1)
+        assert 0 <= rows[0]["probe_error"] < 1e-3  # float32 engines: both got the trainer's weights
     finally:
         for p in (worker, head):
             _stop_tree(p)

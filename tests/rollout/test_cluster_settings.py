@@ -114,16 +114,37 @@ def test_engine_gpus_on_the_trainers_node_follow_the_ranks_local_numbering():
 
     a, b = "node-a", "node-b"
     # 8 trainer ranks, 4 colocated engines of TP 2: engine i shares (and uses) GPUs 2i, 2i+1
-    colo = Placement(None, list(range(8)), [0, 2, 4, 6], 0.5, "gpu", 2, a, [a] * 8)
+    colo = Placement(None, list(range(8)), [0, 2, 4, 6], 0.5, "gpu", 2, [a] * 8, [a] * 8)
     assert [colo.cuda_devices(i) for i in range(4)] == ["0,1", "2,3", "4,5", "6,7"]
     assert colo.engine_options(1)["num_gpus"] == 0.5 and colo.engine_options(1)["num_cpus"] == 0
     # 4 trainer ranks and 2 TP-2 engines on one node: the engines take GPUs 4-5 and 6-7, never a rank's
-    one = Placement(None, [0, 1, 2, 3], [4, 5], 1.0, "gpu", 2, a, [a] * 6)
+    one = Placement(None, [0, 1, 2, 3], [4, 5], 1.0, "gpu", 2, [a] * 4, [a] * 6)
     assert [one.cuda_devices(i) for i in range(2)] == ["4,5", "6,7"] and one.engine_options(0)["num_gpus"] == 2.0
     # two nodes: engines on the other node keep Ray's GPUs; one left on the trainer's node follows the ranks
-    two = Placement(None, [0, 1, 2, 3], [4, 5, 6], 1.0, "gpu", 2, a, [a] * 4 + [b, a, b])
+    two = Placement(None, [0, 1, 2, 3], [4, 5, 6], 1.0, "gpu", 2, [a] * 4, [a] * 4 + [b, a, b])
     assert [two.cuda_devices(i) for i in range(3)] == [None, "4,5", None]
-    assert Placement(None, [0], [1], 1.0, "cpu", 1, a, [a, a]).cuda_devices(0) is None  # CPU: nothing to pin
+    assert Placement(None, [0], [1], 1.0, "cpu", 1, [a], [a, a]).cuda_devices(0) is None  # CPU: nothing to pin
+    # the trainer spans two nodes of 4 GPUs (ranks 0-3 on a, 4-7 on b): colocated engines of TP 2 use the local
+    # GPUs of the ranks they share on each node
+    span = Placement(None, list(range(8)), [0, 2, 4, 6], 0.5, "gpu", 2, [a] * 4 + [b] * 4, [a] * 4 + [b] * 4)
+    assert [span.cuda_devices(i) for i in range(4)] == ["0,1", "2,3", "0,1", "2,3"]
+    # ... and disaggregated engines left on those nodes take the GPUs after each node's ranks
+    apart = Placement(None, [0, 1, 2, 3], [4, 5, 6], 1.0, "gpu", 1, [a, a, b, b], [a, a, b, b, b, a, b])
+    assert [apart.cuda_devices(i) for i in range(3)] == ["2", "2", "3"]
+
+
+def test_colocated_engines_never_span_trainer_nodes():
+    """An engine of engine_tp GPUs shares engine_tp consecutive trainer ranks: they must be on one node
+    (checked before anything is placed)."""
+    from prism_mcore.config.schema import RolloutConfig
+    from prism_mcore.rollout.engine_pool import make_placement
+
+    rollout = RolloutConfig(mode="colocated", num_engines=2, engine_tp=2)
+    with pytest.raises(ValueError, match=r"engine 0 \(rollout.engine_tp=2\) would share trainer ranks 0..1, which "
+                                         r"are on different nodes"):
+        make_placement(rollout, 4, trainer_nodes=["a", "b", "b", "b"])
+    with pytest.raises(ValueError, match="trainer_nodes names 3 nodes for 4 trainer ranks"):
+        make_placement(rollout, 4, trainer_nodes=["a", "a", "b"])
 
 
 def test_engine_dtype_follows_rollout_dtype():

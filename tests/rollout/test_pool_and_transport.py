@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import ray
 import torch
 
 from pool_helpers import rollout_config
@@ -62,7 +63,13 @@ def test_placement_bundles(ray_cluster):
     assert colo.engine_options(1)["num_cpus"] == 0.5 and colo.trainer_options(0)["num_cpus"] == 0.5
     dis = make_placement(rollout_config(mode="disaggregated", num_engines=2), trainer_ranks=2)
     assert len(dis.group.bundle_specs) == 4 and dis.engine_bundles == [2, 3]
-    for p in (colo, dis):
+    # ranks' nodes given (a joined cluster): each trainer bundle is pinned to its rank's node; with no other node
+    # in the cluster, disaggregated engines share it
+    here = ray.get_runtime_context().get_node_id()
+    pinned = make_placement(rollout_config(mode="disaggregated", num_engines=1), trainer_ranks=1,
+                            trainer_nodes=[here])
+    assert pinned.trainer_nodes == [here] and pinned.bundle_nodes == [here, here]
+    for p in (colo, dis, pinned):
         remove_placement_group(p.group)
 
 
