@@ -68,14 +68,24 @@ class EngineEndpoints:
             self._actors = [ray.get_actor(n, namespace=self.namespace) for n in self.names]
         return self._actors
 
-    def transport_for_here(self) -> str:
-        """shm when every engine runs on this node (buffers are mapped, not copied), else torch_distributed
-        (one broadcast per bucket to every engine, gloo on CPU / NCCL on GPU; the object store would copy each
-        bucket into Ray's store and again out of it on every engine's node)."""
+    def routes_for_here(self, transport: str = "auto") -> list[tuple[str, list[int]]]:
+        """How this process reaches each engine, as (transport, engine indices) pairs: `transport` for every
+        engine, or (auto) shm for the engines on this node (buffers are mapped, not copied) and
+        torch_distributed for the others (one broadcast per bucket, gloo on CPU / NCCL on GPU; the object
+        store would copy each bucket into Ray's store and again out of it on every engine's node). Keeping
+        same-node engines out of the broadcast group also keeps a colocated engine, on its trainer rank's
+        GPU, out of an NCCL group with that rank."""
         import ray
 
+        everyone = list(range(len(self.names)))
+        if transport != "auto":
+            return [(transport, everyone)]
+        if not self.node_ids:
+            return [("torch_distributed", everyone)]
         here = ray.get_runtime_context().get_node_id()
-        return "shm" if self.node_ids and all(n == here for n in self.node_ids) else "torch_distributed"
+        local = [i for i in everyone if self.node_ids[i] == here]
+        away = [i for i in everyone if self.node_ids[i] != here]
+        return [(t, ids) for t, ids in (("shm", local), ("torch_distributed", away)) if ids]
 
 
 @dataclass
@@ -213,29 +223,30 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
         return _sync(model, model_cfg, endpoints, version, opts, step, probe, digest, keep_staging)
 
 
-def _dist_sender(endpoints: EngineEndpoints, tag: str, actors: list, timeout_s: float, step: int | None):
-    """This rank's weight group with every engine (torch_distributed transport), built once per endpoints
-    object and reused while every engine is still a member; rebuilt after an engine restart or a failed
-    broadcast."""
+def _dist_sender(endpoints: EngineEndpoints, tag: str, actors: list, names: list[str], timeout_s: float,
+                 step: int | None):
+    """This rank's weight group with the engines `actors` (named `names`; torch_distributed transport), built
+    once per endpoints object and reused while every engine is still a member; rebuilt after an engine
+    restart or a failed broadcast."""
     from prism_mcore.rollout.transport_dist import (DistSender, drop_group, finish_sender_group, has_group,
                                                open_sender_group)
 
-    names, senders = endpoints.names, endpoints._senders
-    cached = senders.get(tag)
+    senders, slot = endpoints._senders, (tag, tuple(names))  # one group per route's engines
+    cached = senders.get(slot)
     if cached is not None:
         spec, sender = cached
         if has_group(spec.key) and all(_wait([a.has_weight_group.remote(spec.key) for a in actors], names,
                                              "weight group check", timeout_s, step)):
             return sender
         drop_group(spec.key)
-        del senders[tag]
+        del senders[slot]
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     spec, store = open_sender_group(tag, len(actors), backend, timeout_s)
     joins = [a.join_weight_group.remote(spec, i + 1) for i, a in enumerate(actors)]
     pg = finish_sender_group(spec, store)
     _wait(joins, names, f"joining weight group {spec.key}", timeout_s, step)
     sender = DistSender(spec.key, pg, f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-    senders[tag] = (spec, sender)
+    senders[slot] = (spec, sender)
     return sender
 
 
@@ -243,60 +254,74 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
     t0 = time.perf_counter()
     me = dist.get_rank()
     stats = SyncStats(version)
-    actors, error, dist_sender = [], None, None
+    actors, error, routes = [], None, []
     # stable per (run, rank, process): the next sync reuses slots and groups; never another run's
     tag = sender_tag(endpoints.namespace, me)
-    transport, timeout_s = opts.transport, opts.timeout_s
+    timeout_s = opts.timeout_s
+    inflight: list[tuple[list, list[str]]] = []
+
+    def deliver_to(engines: list[int]) -> Callable[[Any], None]:
+        names = [endpoints.names[i] for i in engines]
+
+        def deliver(bucket) -> None:
+            # At most two buckets in flight per route: engines take one while the next is packed, and a
+            # rejected bucket or a dead engine stops the sync within a bucket or two.
+            while len(inflight) >= 2 * len(routes):
+                refs, who = inflight.pop(0)
+                _wait(refs, who, f"receiving a bucket of version {version}", timeout_s, step)
+            inflight.append(([actors[i].receive_bucket.remote(version, bucket) for i in engines], names))
+        return deliver
+
     try:
         actors = endpoints.connect()
-        transport = endpoints.transport_for_here() if transport == "auto" else transport
-        if transport == "torch_distributed":
-            dist_sender = _dist_sender(endpoints, tag, actors, timeout_s, step)
+        for transport, engines in endpoints.routes_for_here(opts.transport):
+            sender = None
+            if transport == "torch_distributed":
+                sender = _dist_sender(endpoints, tag, [actors[i] for i in engines],
+                                      [endpoints.names[i] for i in engines], timeout_s, step)
+            routes.append(BucketPacker(deliver_to(engines), int(opts.bucket_mb * 2**20), transport, tag=tag,
+                                       dist_sender=sender))
     except Exception as e:  # noqa: BLE001 - reported collectively below
-        error = f"rank {me}: cannot reach the engines: {e}"
-    stats.transport = transport
-    inflight: list[list] = []
-
-    def deliver(bucket) -> None:
-        # At most two buckets in flight per sender: engines take one while the next is packed, and a
-        # rejected bucket or a dead engine stops the sync within a bucket or two.
-        while len(inflight) >= 2:
-            _wait(inflight.pop(0), endpoints.names, f"receiving a bucket of version {version}", timeout_s, step)
-        inflight.append([a.receive_bucket.remote(version, bucket) for a in actors])
-
-    packer = BucketPacker(deliver, int(opts.bucket_mb * 2**20), transport if error is None else "shm", tag=tag,
-                          dist_sender=dist_sender)
+        error, routes = f"rank {me}: cannot reach the engines: {e}", []
+    stats.transport = "+".join(p.transport for p in routes) or opts.transport
     # Keep draining the collective even after a local failure, or the other ranks would wait forever.
     t_loop = time.perf_counter()
     plan = _cached_plan(model, model_cfg)
-    # Steady state of zero-copy (shm, shared parameters, nothing to assemble on this rank): the cached
+    # Steady state of zero-copy (shm only, shared parameters, nothing to assemble on this rank): the cached
     # references go to every engine in one message and this rank only waits while the engines copy.
-    refs = own_refs(model_cfg, plan) if transport == "shm" else None
+    refs = own_refs(model_cfg, plan) if [p.transport for p in routes] == ["shm"] else None
     with _no_torch_function():
         if refs is not None and error is None:
             try:
-                packer.add_refs(*refs)
+                routes[0].add_refs(*refs)
             except Exception as e:  # noqa: BLE001
                 error = f"rank {me}: {e}"
         for name, tensor in () if refs is not None else _iter_sources(model_cfg, plan.mine, plan.units):
             if error is None:
                 try:
-                    packer.add(name, tensor)
+                    for packer in routes:
+                        packer.add(name, tensor)
                 except Exception as e:  # noqa: BLE001
                     error = f"rank {me}: {e}"
     if error is None:
         try:
-            packer.flush()
+            for packer in routes:
+                packer.flush()
             while inflight:
-                _wait(inflight.pop(0), endpoints.names, f"receiving the last buckets of version {version}",
-                      timeout_s, step)
+                refs_, who = inflight.pop(0)
+                _wait(refs_, who, f"receiving the last buckets of version {version}", timeout_s, step)
         except Exception as e:  # noqa: BLE001
             error = f"rank {me}: {e}"
-    stats.stream_s, stats.pack_s, stats.send_s = time.perf_counter() - t0, packer.pack_s, packer.send_s
-    stats.convert_s = time.perf_counter() - t_loop - packer.pack_s - packer.send_s
-    packer.cleanup()  # also waits for broadcasts still in flight, so the group stays usable
+    pack_s, send_s = sum(p.pack_s for p in routes), sum(p.send_s for p in routes)
+    stats.stream_s, stats.pack_s, stats.send_s = time.perf_counter() - t0, pack_s, send_s
+    stats.convert_s = time.perf_counter() - t_loop - pack_s - send_s
+    for packer in routes:
+        packer.cleanup()  # also waits for broadcasts still in flight, so the group stays usable
+    # tensors and bytes once per rank (every route carries the same ones), buckets over all routes
+    first = routes[0] if routes else None
     reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (error, packer.tensors, packer.bytes, packer.buckets, packer.ref_bytes,
+    dist.all_gather_object(reports, (error, first.tensors if first else 0, first.bytes if first else 0,
+                                     sum(p.buckets for p in routes), sum(p.ref_bytes for p in routes),
                                      int(refs is not None)))
     errors = [r[0] for r in reports if r[0]]
     stats.tensors, stats.bytes, stats.buckets, stats.ref_bytes, stats.planned_ranks = (
@@ -307,14 +332,14 @@ def _sync(model, model_cfg, endpoints, version, opts: _Options, step, probe, dig
         outcome[0] = _finish(actors, endpoints, version, stats, errors, timeout_s, step, probe, digest)
     dist.broadcast_object_list(outcome, src=0)
     if not keep_staging:
-        arena(packer.tag).release()
+        arena(tag).release()
     failure, summaries, probe_error, commit_s = outcome[0]
     stats.engines, stats.probe_error, stats.commit_s = summaries, probe_error, commit_s
     stats.seconds = time.perf_counter() - t0
     if failure:
         raise failure
     log.info("weight sync v%d: %d tensors, %.1f MB in %d buckets, %.2fs (%s)", version, stats.tensors,
-             stats.bytes / 1e6, stats.buckets, stats.seconds, transport)
+             stats.bytes / 1e6, stats.buckets, stats.seconds, stats.transport)
     return stats
 
 

@@ -148,8 +148,9 @@ def _launch(index: int, port: int, *args, wait_s: int = 120, nodes: int = 2, **e
 def test_mlp_launcher_runs_rl_with_the_trainer_on_both_nodes(inputs, tmp_path):
     """PRISM_TRAINER_NODES=2: one trainer rank per node (torchrun on each, one process group), each with a
     colocated engine on its own node. Each rank found its own node's raylet among the two on this host (its
-    Ray temp dir), so the engines sit beside the ranks; every rank sends to the engine off its node over
-    torch_distributed, and the log-prob probe checks both engines' weights against the trainer's."""
+    Ray temp dir), so the engines sit beside the ranks; every rank sends to the engine on its node over shm
+    and to the other over torch_distributed, and the log-prob probe checks both engines' weights against the
+    trainer's."""
     port, out = _free_port(), tmp_path / "rl"
     args = ["/dev/null", *RL, *inputs, f"trainer.output_dir={out}", "rollout.mode=colocated",
             "rollout.num_engines=2", "rollout.probe_every=1"]
@@ -164,7 +165,8 @@ def test_mlp_launcher_runs_rl_with_the_trainer_on_both_nodes(inputs, tmp_path):
         rows = _rows(out)
         assert [r["step"] for r in rows] == [1] and rows[0]["rollout/trainer_nodes"] == 2
         assert rows[0]["rollout/engines_off_trainer_node"] == 0  # colocated: each engine beside a rank
-        assert rows[0]["rollout/transport"] == "torch_distributed" and 0 < rows[0]["response_len"] <= 16
+        # auto, by placement: shm to the engine beside it, torch_distributed to the one on the other node
+        assert rows[0]["rollout/transport"] == "shm+torch_distributed" and 0 < rows[0]["response_len"] <= 16
         assert (rows[0]["rollout/sleeps"], rows[0]["rollout/wakes"]) == (1, 1)
         assert 0 <= rows[0]["probe_error"] < 1e-3  # float32 engines: both got the trainer's weights
     finally:

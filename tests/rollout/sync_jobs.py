@@ -157,6 +157,8 @@ def sync_over_torch_distributed(hf_dir: str, layout: dict, endpoints, first_vers
     buckets in a gloo group it shares with the engines); then a torch_distributed sync in which rank 1
     fails midway (must be aborted everywhere), then a retry over the same groups. Rank 0 returns the
     stats, the engines' scores after each good sync, the errors and the versions seen after the failure."""
+    import pickle
+
     import ray
     import torch.distributed as dist
 
@@ -199,6 +201,11 @@ def sync_over_torch_distributed(hf_dir: str, layout: dict, endpoints, first_vers
     out["retry"] = sync_weights(model, cfg.model, endpoints, v + 2, bucket_mb=0.05, timeout_s=120, digest=True,
                                 transport="torch_distributed")
     out["retry_scores"] = scores()
+    # auto with engine 1 seemingly on another node: shm to engine 0 and a broadcast group of engine 1 alone
+    split = pickle.loads(pickle.dumps(endpoints))
+    split.node_ids = [endpoints.node_ids[0], "another-node"]
+    out["split"] = sync_weights(model, cfg.model, split, v + 3, bucket_mb=0.05, timeout_s=120, digest=True)
+    out["split_scores"] = scores()
     return out if me == 0 else None
 
 

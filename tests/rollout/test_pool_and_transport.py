@@ -183,8 +183,8 @@ def test_torch_distributed_buckets_to_fake_engines(ray_cluster):
     pool = EnginePool("unused", cfg, {"schema": schema}, namespace="echo_dist", engine_cls=ECHO).start()
     try:
         endpoints = pool.endpoints  # the sender group is cached on this object (as the trainer holds one)
-        sender = _dist_sender(endpoints, "echo_dist_r0", pool.actors, 60, 0)
-        assert _dist_sender(endpoints, "echo_dist_r0", pool.actors, 60, 0) is sender  # reused
+        sender = _dist_sender(endpoints, "echo_dist_r0", pool.actors, endpoints.names, 60, 0)
+        assert _dist_sender(endpoints, "echo_dist_r0", pool.actors, endpoints.names, 60, 0) is sender  # reused
 
         def sync(version, pairs):
             refs = []

@@ -204,5 +204,9 @@ def test_torch_distributed_transport_matches_shm(setup, ranks):
     for e in out["errors"]:
         assert "version 32 failed" in e and "rank 1" in e and "simulated sender failure" in e
     assert out["after_failure"] == [(31, None), (31, None)]
-    assert [h.weight_version for h in pool.health()] == [32, 32]
-    print(f"torch_distributed transport test: {elapsed:.1f}s for 4 syncs incl. the 2-rank spawn")
+    # auto transport by placement: shm to the engine on this node, torch_distributed to the one "elsewhere"
+    assert out["split"].transport == "shm+torch_distributed" and out["split"].bytes == out["shm"].bytes
+    assert all(out["split"].engines[name].extra["digests"] == expected for name in pool.names)
+    assert out["split_scores"] == out["shm_scores"]
+    assert [h.weight_version for h in pool.health()] == [33, 33]
+    print(f"torch_distributed transport test: {elapsed:.1f}s for 5 syncs incl. the 2-rank spawn")
