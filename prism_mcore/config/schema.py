@@ -159,8 +159,8 @@ class RolloutConfig(_Section):
     weight_bucket_mb: int = live(512, "rollout/weight_sync.py", gt=0)
     timeout_s: float = live(600.0, "rollout/weight_sync.py", gt=0)
     transport: Literal["auto", "shm", "ray", "torch_distributed"] = live(
-        "auto", "rollout/weight_sync.py", description="weight-sync transport: auto (shm when every engine is on the "
-        "sender's node, else torch_distributed), shm, ray (object store), torch_distributed (engines join a "
+        "auto", "rollout/weight_sync.py", description="weight-sync transport: auto (per engine: shm to the engines on "
+        "the sender's node, torch_distributed to the others), shm, ray (object store), torch_distributed (engines join a "
         "gloo/nccl group per sender, across nodes)")
     zero_copy: bool = live(False, "rollout/weight_sync.py", description="send tensors that are views of the "
                            "trainer's parameters as references into shared memory (same node; shm transport)")

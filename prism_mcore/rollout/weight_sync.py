@@ -200,7 +200,7 @@ def sync_weights(model: torch.nn.Module, model_cfg, endpoints: EngineEndpoints, 
     `rollout_cfg` (the run's `cfg.rollout`: weight_bucket_mb, transport, timeout_s, zero_copy, probe_every),
     else the defaults (512 MB, auto, 600 s, no zero-copy). (`rollout.max_staleness` is the pool's business:
     `EnginePool.generate` samples only from engines inside the window and checks every result.)
-      * `transport`: auto (shm when every engine is on this node, else torch_distributed), shm, ray,
+      * `transport`: auto (per engine: shm on this node, torch_distributed to the others), shm, ray,
         torch_distributed.
       * `zero_copy`: move the parameters to shared memory once (`share_weights_memory`) and send views of
         them as references (shm only).
