@@ -173,17 +173,26 @@ RL_TINY = ["trainer.stage=rl", "trainer.steps=1", "model.max_position_embeddings
            "trainer.eval_at_start=false"]
 
 
-@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow (~75 s): set PRISM_RUN_SLOW=1 to run; "
-                    "tests/launch/test_ray_launch.py runs the launcher it wraps on every `make test`")
-def test_slurm_ray_runs_rl_with_engines_on_the_second_node(cluster, inputs, tmp_path):
-    """launch/slurm_ray.sbatch: Ray head on n1 (the trainer), a worker on n2; the disaggregated engine lands on
-    n2 and takes its weights over torch_distributed."""
+@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow (~75 s each): set PRISM_RUN_SLOW=1 to "
+                    "run; tests/launch/test_ray_launch.py runs the launcher it wraps on every `make test`")
+@pytest.mark.parametrize("layout", ["engines_on_n2", "trainer_on_both"])
+def test_slurm_ray_runs_rl_on_two_nodes(cluster, inputs, tmp_path, layout):
+    """launch/slurm_ray.sbatch: Ray head on n1, a worker on n2. engines_on_n2: the trainer on n1, the
+    disaggregated engine on n2 takes its weights over torch_distributed. trainer_on_both
+    (PRISM_TRAINER_NODES=2): a trainer rank and a colocated engine on each node."""
     out = tmp_path / "run"
-    code, state, output = cluster.sbatch(tmp_path / "job.out", "--nodes=2", "--ntasks-per-node=1", str(SLURM_RAY),
-                                         "/dev/null", *RL_TINY, *inputs, f"trainer.output_dir={out}")
+    both = layout == "trainer_on_both"
+    code, state, output = cluster.sbatch(
+        tmp_path / "job.out", "--nodes=2", "--ntasks-per-node=1", *(["--export=ALL,PRISM_TRAINER_NODES=2"] * both),
+        str(SLURM_RAY), "/dev/null", *RL_TINY, *inputs, f"trainer.output_dir={out}",
+        *(["rollout.mode=colocated", "rollout.num_engines=2", "rollout.probe_every=1"] * both))
     why = f"exit {code}, state {state}\n--- job output\n{output[-6000:]}\n{cluster.logs()}"
     assert code == 0 and state == "COMPLETED", why
     assert "2 nodes in the Ray cluster" in output and "node 1 joined the Ray cluster" in output, why
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1], why
-    assert rows[0]["rollout/engines_off_trainer_node"] == 1 and rows[0]["rollout/transport"] == "torch_distributed"
+    if both:
+        assert rows[0]["rollout/trainer_nodes"] == 2 and rows[0]["rollout/engines_off_trainer_node"] == 0, why
+        assert rows[0]["rollout/transport"] == "shm+torch_distributed" and rows[0]["probe_error"] < 1e-3, why
+    else:
+        assert rows[0]["rollout/engines_off_trainer_node"] == 1 and rows[0]["rollout/transport"] == "torch_distributed"
