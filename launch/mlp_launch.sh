@@ -64,7 +64,7 @@ run_trainer() {
     RAY_ADDRESS=$head PRISM_RAY_NODE_DIR=$node_dir "$py" -m torch.distributed.run --nnodes "$trainer_nodes" \
         --node-rank "$MLP_WORKER_RACK_RANK_INDEX" --nproc-per-node "$ranks_per_node" \
         --master-addr "$MLP_WORKER_0_PRIMARY_HOST" --master-port "${PRISM_MASTER_PORT:-$((port + 1))}" \
-        --rdzv-conf "timeout=${wait_s%.*}" \
+        --rdzv-conf "timeout=${wait_s%.*}" --log-dir "$node_dir/torchrun" \
         -m prism_mcore.cli train "$@" "parallel.world_size=$((trainer_nodes * ranks_per_node))" &
   fi
   train_pid=$!

@@ -25,6 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from prism_mcore.rollout.engine import (EngineError, EngineHealth, GenerationResult, Prompt, SamplingParams,
                                         StaleWeightsError)
+from prism_mcore.rollout.engine_actor import DEFAULT_ENGINE, EngineActor, reap_orphaned_engine_scratch
 from prism_mcore.rollout.weight_sync import EngineEndpoints
 
 log = logging.getLogger("prism.rollout")
@@ -32,68 +33,6 @@ log = logging.getLogger("prism.rollout")
 
 class EngineTimeoutError(EngineError):
     """An engine did not answer within the configured timeout."""
-
-
-DEFAULT_ENGINE = "prism_mcore.rollout.vllm_engine:VLLMEngine"
-
-
-class EngineActor:
-    """The Ray actor around one `VLLMEngine`. Health runs on its own thread so it answers mid-generation."""
-
-    def __init__(self, engine_id: int, engine_kwargs: dict[str, Any], engine_cls: str = DEFAULT_ENGINE):
-        import importlib
-        import os
-
-        engine_kwargs = dict(engine_kwargs)
-        devices = engine_kwargs.pop("cuda_visible_devices", None)
-        if devices is not None:  # before the engine touches CUDA (Placement.cuda_devices says why)
-            os.environ["CUDA_VISIBLE_DEVICES"] = devices
-
-        module, name = engine_cls.split(":")
-        self.engine = getattr(importlib.import_module(module), name)(engine_id=engine_id, **engine_kwargs)
-
-    def generate(self, prompts, params, expect_version=None):
-        return self.engine.generate(prompts, params, expect_version)
-
-    def score(self, sequences):
-        return self.engine.score(sequences)
-
-    def receive_bucket(self, version, bucket):
-        return self.engine.receive_bucket(version, bucket)
-
-    def commit_update(self, version, expected_tensors, digest=False):
-        return self.engine.commit_update(version, expected_tensors, digest)
-
-    def abort_update(self, version=None):
-        return self.engine.abort_update(version)
-
-    def sleep(self):
-        return self.engine.sleep()
-
-    def wake_up(self):
-        return self.engine.wake_up()
-
-    def read_params(self, names=None):
-        return self.engine.read_params(names)
-
-    def join_weight_group(self, spec, rank):
-        """torch_distributed transport: become member `rank` of a trainer rank's weight group."""
-        from prism_mcore.rollout.transport_dist import join_group
-
-        join_group(spec, rank)
-
-    def has_weight_group(self, key):
-        from prism_mcore.rollout.transport_dist import has_group
-
-        return has_group(key)
-
-    @ray.method(concurrency_group="control")
-    def health(self) -> EngineHealth:
-        return self.engine.health()
-
-    @ray.method(concurrency_group="control")
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
 
 def check_staleness(results: Sequence[GenerationResult], policy_version: int, max_staleness: int = 0,
@@ -271,8 +210,12 @@ class EnginePool:
     def shutdown(self) -> None:
         from prism_mcore.rollout.transport import remove_stale_shm
 
+        if self.actors:  # each engine removes its temp dir (on its own node); a dead or stuck one is killed anyway
+            with contextlib.suppress(Exception):
+                ray.get([a.close.remote() for a in self.actors], timeout=10)
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        reap_orphaned_engine_scratch()  # of engines Ray restarted during the run (on this node)
         self.actors = []
         remove_stale_shm(f"{self.namespace}_")  # the senders' staging slots of this pool's namespace
 

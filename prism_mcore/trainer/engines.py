@@ -21,6 +21,7 @@ def start_pool(cfg: PrismConfig, model_dir: str, namespace: str, trainer_nodes: 
     trainer is this node's `local_ranks` ranks. Their bundles keep engines off their CPUs/GPUs. Returns
     (pool, RayConnection)."""
     from prism_mcore.rollout.cluster import connect, disconnect, engine_settings, ray_target
+    from prism_mcore.rollout.engine_actor import reap_orphaned_engine_scratch
     from prism_mcore.rollout.engine_pool import EnginePool, make_placement
     from prism_mcore.rollout.transport import reap_orphaned_shm
     from prism_mcore.trainer.metrics import announce
@@ -28,6 +29,7 @@ def start_pool(cfg: PrismConfig, model_dir: str, namespace: str, trainer_nodes: 
     r = cfg.rollout
     reap_orphaned_ray()
     reap_orphaned_shm()
+    reap_orphaned_engine_scratch()
     # Ray's unix sockets live under its temp dir and must stay under 107 bytes: keep it short.
     ray_dir = None if ray_target(r.ray_address) else tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir="/tmp")
     slots = local_ranks + (0 if r.mode == "colocated" else r.num_engines * r.engine_tp)

@@ -228,3 +228,32 @@ def test_sync_options_resolution():
     assert [v for v in range(1, 10) if probe_due(v, 3)] == [3, 6, 9] and not probe_due(3, 0)
     with pytest.raises(ValueError, match="unknown weight transport"):
         _options(None, None, transport="nccl")
+
+
+@pytest.mark.timeout(120)
+def test_engines_keep_their_temp_files_in_a_dir_that_goes_with_them(ray_cluster, tmp_path):
+    """vLLM leaves its rendezvous file (vllm_dist_<uuid>) in the temp dir: each engine's temp dir is its own,
+    removed by the pool's shutdown; one left by an engine that was killed is reaped by the next run's start."""
+    import os
+    import tempfile
+
+    from prism_mcore.rollout.engine_actor import ENGINE_SCRATCH_PREFIX, reap_orphaned_engine_scratch
+
+    def temp_of(actor):
+        return ray.get(actor.__ray_call__.remote(lambda self: (tempfile.gettempdir(), os.environ["TMPDIR"])))
+
+    pool = echo_pool(ray_cluster, "echo_scratch")
+    try:
+        dirs = [temp_of(a) for a in pool.actors]
+        assert all(d == e and os.path.basename(d).startswith(ENGINE_SCRATCH_PREFIX) and os.path.isdir(d)
+                   for d, e in dirs) and len({d for d, _ in dirs}) == 2
+        ray.get(pool.actors[0].__ray_call__.remote(lambda self: open(os.path.join(self.scratch, "vllm_dist_x"), "w").close()))
+    finally:
+        pool.shutdown()
+    assert not any(os.path.exists(d) for d, _ in dirs)
+    # a dir whose engine process is gone (pid 2**22 + 1 is above Linux's pid_max) is reaped; a live one stays
+    dead, live = tmp_path / f"{ENGINE_SCRATCH_PREFIX}{2**22 + 1}_ab", tmp_path / f"{ENGINE_SCRATCH_PREFIX}{os.getpid()}_cd"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "vllm_dist_y").write_text("x")
+    assert reap_orphaned_engine_scratch(str(tmp_path)) == 1 and not dead.exists() and live.exists()

