@@ -60,20 +60,24 @@ class _RankSpec:
 WATCHDOG_PERIOD_S = 0.5
 
 
-def _watch_launcher(launcher_pid: int) -> None:
+def _watch_launcher(launcher_pid: int, launcher_dir: str) -> None:
     """Daemon thread of every rank: once the launcher is gone, nobody will collect this rank's result or stop
-    its engines; kill its process tree (Ray daemons and engine actors are its descendants) and exit."""
+    its engines; kill its process tree (Ray daemons and engine actors are its descendants), remove the
+    launcher's temp dir (its own cleanup died with it) and exit."""
+    import shutil
+
     from prism_mcore.platform.processes import alive, descendants, kill_all
 
     while alive(launcher_pid):
         time.sleep(WATCHDOG_PERIOD_S)
     kill_all(descendants([os.getpid()]))
+    shutil.rmtree(launcher_dir, ignore_errors=True)
     os._exit(1)
 
 
 def _rank_main(spec: _RankSpec, fn: Callable, args: tuple, kwargs: dict, results: "mp.Queue") -> None:
-    threading.Thread(target=_watch_launcher, args=(spec.launcher_pid,), name="prism-launcher-watchdog",
-                     daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(spec.launcher_pid, os.path.dirname(spec.stack_file)),
+                     name="prism-launcher-watchdog", daemon=True).start()
     os.environ.update(spec.env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec.port), RANK=str(spec.rank),
                       LOCAL_RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size),

@@ -83,8 +83,10 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.timeout(900)
 def test_sigkill_of_the_launcher_takes_ranks_and_engines_down(tiny_policy, tmp_path):
+    import glob
     import os
     import signal
+    import tempfile
     import time
 
     from prism_mcore.data.synthetic import make_problems, write_rl_parquet
@@ -92,6 +94,7 @@ def test_sigkill_of_the_launcher_takes_ranks_and_engines_down(tiny_policy, tmp_p
 
     write_rl_parquet(make_problems(64, seed=3), tmp_path / "rl.parquet")
     out = tmp_path / "run"
+    launcher_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "prism_ranks_*")))
     proc = subprocess.Popen([sys.executable, "-m", "prism_mcore.cli", "train", "/dev/null", *RL,
                              f"model.hf_path={tiny_policy}", f"data.train_files=[{tmp_path / 'rl.parquet'}]",
                              f"trainer.output_dir={out}", "trainer.steps=200", "trainer.export_hf=false"],
@@ -113,6 +116,12 @@ def test_sigkill_of_the_launcher_takes_ranks_and_engines_down(tiny_policy, tmp_p
             time.sleep(0.2)
         left = {pid: names.get(pid, "?") for pid in tree if _running(pid)}
         assert not left, f"still running 10 s after the launcher's SIGKILL: {left}"
+        # the ranks removed the launcher's temp dir (its own cleanup died with it)
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "prism_ranks_*"))) <= launcher_dirs
+        # the killed engine's temp dir is what the next run's start reaps
+        from prism_mcore.rollout.engine_actor import reap_orphaned_engine_scratch
+
+        assert reap_orphaned_engine_scratch() >= 1
     finally:
         if proc.poll() is None:
             proc.kill()
