@@ -362,13 +362,14 @@ def layout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str
     if cfg.trainer.stage == "align":
         out += _discriminator_problems(cfg, ws)
     if cfg.trainer.stage in ("align", "rl"):
-        out += rollout_problems(cfg)
+        out += rollout_problems(cfg, ws)
     return out
 
 
-def rollout_problems(cfg: PrismConfig) -> list[str]:
+def rollout_problems(cfg: PrismConfig, world_size: int | None = None) -> list[str]:
     """Engine lengths against the stage's: a prompt and its response must fit the engine's context, and (without
-    chunked prefill) a prompt must fit one engine step."""
+    chunked prefill) a prompt must fit one engine step. Colocated engines against the trainer's ranks (when
+    `world_size` is known): each engine shares the devices of engine_tp of them."""
     r, need = cfg.rollout, cfg.data.max_prompt_length + cfg.rollout.max_tokens
     sum_ = f"data.max_prompt_length + rollout.max_tokens = {cfg.data.max_prompt_length} + {r.max_tokens} = {need}"
     out = []
@@ -379,6 +380,10 @@ def rollout_problems(cfg: PrismConfig) -> list[str]:
         out.append(f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} must be >= the engine context "
                    f"{context} ({'rollout.max_model_len' if r.max_model_len else sum_}) unless "
                    f"rollout.enable_chunked_prefill=true")
+    if r.mode == "colocated" and world_size is not None and r.num_engines * r.engine_tp > world_size:
+        out.append(f"rollout.num_engines*rollout.engine_tp={r.num_engines}*{r.engine_tp}="
+                   f"{r.num_engines * r.engine_tp} must be <= the {world_size} trainer ranks when "
+                   f"rollout.mode=colocated (each engine shares the devices of engine_tp trainer ranks)")
     return out
 
 

@@ -31,6 +31,22 @@ def test_lengths_beyond_engine_settings_fail_validation_naming_both():
     assert _validate(grpo, "trainer.stage=sft", "rollout.max_model_len=9000").returncode == 0
 
 
+def test_colocated_engines_beyond_the_trainer_ranks_fail_validation():
+    """Colocated engines share the trainer ranks' devices: more engine devices than ranks fails at load (the
+    config's world_size) or at start-up (the launcher's rank count), naming both numbers."""
+    from prism_mcore.config import ConfigError, load_config
+    from prism_mcore.config.load import check_world_size
+
+    res = _validate("configs/cluster/qwen3_vl_4b.yaml", "trainer.stage=rl", "parallel.world_size=4")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "rollout.num_engines*rollout.engine_tp=4*2=8 must be <= the 4 trainer ranks" in res.stderr
+    cfg = load_config("configs/cluster/qwen3_vl_4b.yaml", ["trainer.stage=rl"])
+    check_world_size(cfg, 8)  # 4 engines of TP 2 on 8 ranks: fits
+    with pytest.raises(ConfigError, match=r"4\*2=8 must be <= the 6 trainer ranks"):
+        check_world_size(cfg, 6)
+    check_world_size(load_config("configs/cluster/qwen3_vl_4b.yaml", ["trainer.stage=rl", "rollout.mode=disaggregated"]), 6)
+
+
 def test_cluster_configs_load_with_their_engine_settings():
     from prism_mcore.config import load_config
     from prism_mcore.rollout.cluster import engine_settings
