@@ -65,6 +65,16 @@ def trainer_nodes(address: str, namespace: str) -> list[str]:
     return [n for n, _ in everyone]
 
 
+def ray_scope_problem(target: str | None, world_size: int, local_ranks: int) -> str | None:
+    """Trainer ranks on several nodes need a Ray cluster that spans them (every rank sends weights to the
+    engines from its own node's raylet); a Ray started by rank 0 covers rank 0's node only. One line, or None."""
+    if target or world_size <= local_ranks:
+        return None
+    return (f"the trainer's {world_size} ranks span nodes ({local_ranks} on this one) but no Ray cluster was given "
+            f"(rollout.ray_address or $RAY_ADDRESS): start the stage with launch/mlp_launch.sh "
+            f"(PRISM_TRAINER_NODES) or launch/slurm_ray.sbatch, which bring Ray up on every node")
+
+
 def _run_id(output_dir: str) -> str:
     """This run among others on the same machine or cluster: its output directory and rank 0's pid."""
     import hashlib
@@ -132,12 +142,17 @@ class Rollouts:
         from prism_mcore.rollout.cluster import ray_target
 
         target = ray_target(cfg.rollout.ray_address)
+        # ranks on this node: torchrun and the spawner set LOCAL_WORLD_SIZE, srun SLURM_NTASKS_PER_NODE
+        local = min(int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+                        or dist.get_world_size()), dist.get_world_size())
+        problem = ray_scope_problem(target, dist.get_world_size(), local)
+        if problem:  # every rank sees the same numbers: all stop, none waits on a collective
+            from prism_mcore.config import ConfigError
+
+            raise ConfigError(problem)
         nodes = trainer_nodes(target, namespace) if target else None
         if dist.get_rank() == 0:
-            # ranks on this node: torchrun and the spawner set LOCAL_WORLD_SIZE, srun SLURM_NTASKS_PER_NODE
-            local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
-                        or dist.get_world_size())
-            self.pool, self.conn = start_pool(cfg, model_dir, namespace, nodes, min(local, dist.get_world_size()))
+            self.pool, self.conn = start_pool(cfg, model_dir, namespace, nodes, local)
         holder = [self.pool.endpoints if self.pool else None]
         dist.broadcast_object_list(holder, src=0)
         self.endpoints = holder[0]

@@ -196,3 +196,15 @@ def test_slurm_ray_runs_rl_on_two_nodes(cluster, inputs, tmp_path, layout):
         assert rows[0]["rollout/transport"] == "shm+torch_distributed" and rows[0]["probe_error"] < 1e-3, why
     else:
         assert rows[0]["rollout/engines_off_trainer_node"] == 1 and rows[0]["rollout/transport"] == "torch_distributed"
+
+
+@pytest.mark.skipif(os.environ.get("PRISM_RUN_SLOW") != "1", reason="slow (~40 s): set PRISM_RUN_SLOW=1 to run")
+def test_rollout_stage_over_srun_on_two_nodes_without_ray_fails_in_one_line(cluster, inputs, tmp_path):
+    """slurm_train.sbatch puts one rank on each node but starts no Ray there: the rollout stage stops before it
+    starts an engine, pointing at the launchers that bring Ray up on every node."""
+    code, state, output = cluster.sbatch(tmp_path / "job.out", "--nodes=2", "--ntasks-per-node=1", str(SBATCH),
+                                         "/dev/null", *RL_TINY, *inputs, f"trainer.output_dir={tmp_path / 'run'}")
+    why = f"exit {code}, state {state}\n--- job output\n{output[-6000:]}\n{cluster.logs()}"
+    assert code == 2 and state == "FAILED", why
+    assert "the trainer's 2 ranks span nodes (1 on this one) but no Ray cluster was given" in output, why
+    assert "Traceback" not in output, why

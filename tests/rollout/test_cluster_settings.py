@@ -47,6 +47,15 @@ def test_colocated_engines_beyond_the_trainer_ranks_fail_validation():
     check_world_size(load_config("configs/cluster/qwen3_vl_4b.yaml", ["trainer.stage=rl", "rollout.mode=disaggregated"]), 6)
 
 
+def test_trainer_ranks_on_several_nodes_need_a_ray_cluster_spanning_them():
+    from prism_mcore.trainer.engines import ray_scope_problem
+
+    assert ray_scope_problem(None, 4, 4) is None  # one node: rank 0 starts a Ray for it
+    assert ray_scope_problem("10.0.0.1:6379", 16, 8) is None  # a launcher's cluster spans the nodes
+    problem = ray_scope_problem(None, 16, 8)  # srun/torchrun over 2 nodes, no cluster
+    assert "16 ranks span nodes (8 on this one)" in problem and "launch/mlp_launch.sh" in problem
+
+
 def test_cluster_configs_load_with_their_engine_settings():
     from prism_mcore.config import load_config
     from prism_mcore.rollout.cluster import engine_settings
