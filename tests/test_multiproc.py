@@ -38,3 +38,21 @@ def test_hang_is_killed_with_its_stack():
 def test_crash_without_report():
     with pytest.raises(RankFailure, match="exited with code 7"):
         run_on_ranks(die_hard, 2, timeout=60, grace=3)
+
+
+def test_a_zombie_is_not_alive():
+    """An exited process its parent has not reaped yet owns nothing any more: reapers treat it as gone."""
+    import os
+    import subprocess
+    import sys
+
+    from prism_mcore.platform.processes import alive
+
+    assert alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while alive(child.pid) and time.monotonic() < deadline:  # exits, and stays a zombie until wait()
+        time.sleep(0.05)
+    assert os.path.exists(f"/proc/{child.pid}") and not alive(child.pid)  # the zombie is still there
+    child.wait()
+    assert not alive(child.pid)

@@ -7,13 +7,21 @@ import signal
 
 
 def alive(pid: int) -> bool:
+    """The process exists and has not exited. A zombie (exited, not yet reaped by its parent) counts as dead:
+    what it owned (a lock, staging files, a temp dir) is free to take."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
+    except (OSError, IndexError):  # /proc unreadable: fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -121,7 +121,7 @@ def test_sigkill_of_the_launcher_takes_ranks_and_engines_down(tiny_policy, tmp_p
         # the killed engine's temp dir is what the next run's start reaps
         from prism_mcore.rollout.engine_actor import reap_orphaned_engine_scratch
 
-        assert reap_orphaned_engine_scratch() >= 1
+        assert reap_orphaned_engine_scratch() >= 1  # its dead (or zombie) engine process owns it no more
     finally:
         if proc.poll() is None:
             proc.kill()
